@@ -9,6 +9,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
+# Single-reference edits: the toy base's pretraining data and the Table-1 regression set.
+SINGLE_TASKS = ("single_edit",)
 SPLITS = ("train", "test")
 
 
@@ -45,8 +47,8 @@ def parse_line(text: str, path="<manifest>", line_no: int = 0) -> Sample:
     for key in ("id", "task", "images", "instruction"):
         if key not in d:
             raise ManifestError(path, line_no, f"missing field {key!r}")
-    if d["task"] not in TASKS:
-        raise ManifestError(path, line_no, f"unknown task {d['task']!r}; use one of {', '.join(TASKS)}")
+    if d["task"] not in TASKS + SINGLE_TASKS:
+        raise ManifestError(path, line_no, f"unknown task {d['task']!r}; use one of {', '.join(TASKS + SINGLE_TASKS)}")
     images = d["images"]
     if not isinstance(images, list) or not 1 <= len(images) <= 2 or not all(isinstance(p, str) and p for p in images):
         raise ManifestError(path, line_no, "'images' must be a list of one or two image paths")
