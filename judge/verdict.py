@@ -49,6 +49,9 @@ class Verdict:
     latency_s: float = 0.0
     cache_hit: bool = False
     sample_id: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)  # prompt/completion tokens spent (none on cache hits)
+    cost_usd: float = 0.0  # from the profile's prices
+    notes: dict[str, str] = field(default_factory=dict)  # per question, e.g. a configured fallback that was used
 
     def __post_init__(self):
         for q in QUESTIONS:

@@ -1,0 +1,4 @@
+"""``python -m judge``: see judge/cli.py."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The VLMJudge node in the real ComfyUI host, against a loopback judge server."""
+import asyncio
+import importlib
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from judge.loopback import Reply, ScriptedChatServer
+
+pytestmark = pytest.mark.host
+
+# Per output image (R channel = index): fidelity, consistency, realism answers.
+TRUTH = {0: ("Yes", "No", "No"), 1: ("Yes, because it matches.", "Yes", "YES."), 2: ("No.", "Yes", "Yes")}
+QUESTIONS = ("fidelity", "consistency", "realism")
+
+
+@pytest.fixture(scope="module")
+def node_module(pack):
+    module = importlib.import_module(pack.__name__ + ".nodes.vlm_judge")
+    yield module
+    for _, _, pool in module._JUDGES.values():
+        pool.close(close_judge=True)
+    module._JUDGES.clear()
+
+
+def batch(values):
+    images = torch.zeros(len(values), 6, 6, 3)
+    for n, v in enumerate(values):
+        images[n, ..., 0] = v / 255.0
+    return images
+
+
+def serve(tmp_path, monkeypatch, script, **extra):
+    server = ScriptedChatServer(script).start()
+    profile = {"base_url": server.base_url, "model": "node-vlm", "api_key_env": "DUALREF_NODE_TEST_KEY",
+               "max_retries": 1, "backoff_base_s": 0.01, "cache_dir": str(tmp_path / "cache"), **extra}
+    path = tmp_path / "judges.json"
+    path.write_text(json.dumps({"profiles": {"loop": profile}}))
+    monkeypatch.setenv("DUALREF_JUDGE_CONFIG", str(path))
+    monkeypatch.setenv("DUALREF_NODE_TEST_KEY", "sk-node-test-abcdef123456")
+    return server
+
+
+def truth_script(call):
+    index = round(call.images()[2].getpixel((0, 0))[0])
+    return Reply.answer(TRUTH[index][QUESTIONS.index(call.question)])
+
+
+def test_schema_offers_profiles_by_name_only(node_module, pack, tmp_path, monkeypatch):
+    server = serve(tmp_path, monkeypatch, truth_script)
+    try:
+        schema = node_module.VLMJudge.define_schema()
+        info = node_module.VLMJudge.GET_NODE_INFO_V1()  # what /object_info serves
+    finally:
+        server.stop()
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    assert node_module.VLMJudge in nodes
+    assert info["output_is_list"] == [True, False, False, False, False]
+    assert schema.category == "DualRef/Judge" and schema.description
+    profile = next(i for i in schema.inputs if i.id == "profile")
+    assert profile.options == ["loop", "toy"]
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
+    ids = {i.id for i in schema.inputs}
+    assert not ids & {"url", "base_url", "api_key", "key", "endpoint"}
+    assert [o.id for o in schema.outputs] == ["scores", "scores_text", "verdict", "best_image", "best_index"]
+
+
+def test_scores_a_batch_and_picks_the_best(node_module, tmp_path, monkeypatch, comfy_host):
+    import comfy.utils
+
+    ticks = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: ticks.append((value, total)))
+    server = serve(tmp_path, monkeypatch, truth_script)
+    images = batch([0, 1, 2])
+    try:
+        out = node_module.VLMJudge.execute(images, batch([50]), batch([90]), "put the cat on the sofa", "loop")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        server.stop()
+    scores, scores_text, verdict, best_image, best_index = out.result
+    assert scores == pytest.approx([1 / 3, 1.0, 2 / 3])
+    assert best_index == 1 and torch.equal(best_image, images[1:2])
+    assert "image 1: reward 1.000" in scores_text and "Yes, because it matches." in verdict
+    assert "node-vlm@127.0.0.1" in verdict and "sk-node" not in verdict
+    assert ticks[-1] == (3, 3) and len(ticks) == 3
+    for call in server.calls:  # reference 1, reference 2, output in that order
+        assert [round(im.getpixel((0, 0))[0]) for im in call.images()][:2] == [50, 90]
+
+
+def test_a_judge_failure_is_an_error_not_a_score(node_module, tmp_path, monkeypatch):
+    def script(call):
+        if round(call.images()[2].getpixel((0, 0))[0]) == 2 and call.question == "realism":
+            return Reply.error(503, "overloaded")
+        return truth_script(call)
+
+    server = serve(tmp_path, monkeypatch, script)
+    try:
+        with pytest.raises(RuntimeError, match=r"could not judge 1 of 3 images.*image 2: \[realism\] gave up"):
+            node_module.VLMJudge.execute(batch([0, 1, 2]), batch([1]), batch([2]), "x", "loop")
+        with pytest.raises(ValueError, match="unknown judge profile 'elsewhere'"):
+            node_module.VLMJudge.execute(batch([0]), batch([1]), batch([2]), "x", "elsewhere")
+        with pytest.raises(ValueError, match="instruction is empty"):
+            node_module.VLMJudge.execute(batch([0]), batch([1]), batch([2]), "  ", "loop")
+    finally:
+        server.stop()
+
+
+def test_stop_button_interrupts_a_slow_judge(node_module, tmp_path, monkeypatch):
+    import comfy.model_management as mm
+
+    server = serve(tmp_path, monkeypatch, lambda call: Reply.answer("Yes", delay_s=1.5), concurrency=1, timeout_s=5)
+    timer = threading.Timer(0.3, mm.interrupt_current_processing, args=(True,))
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node_module.VLMJudge.execute(batch([0, 1, 2, 3]), batch([1]), batch([2]), "x", "loop")
+        assert time.monotonic() - start < 1.2  # did not wait for twelve 1.5 s answers
+    finally:
+        mm.interrupt_current_processing(False)
+        timer.cancel()
+        server.stop()
+
+
+def test_config_lives_in_a_folder_comfyui_never_serves(node_module, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.delenv("DUALREF_JUDGE_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path / "user"))
+    folder = tmp_path / "user" / "__dualref"
+    folder.mkdir(parents=True)
+    (folder / "judges.json").write_text(json.dumps({"profiles": {"house-vlm": {
+        "base_url": "https://vlm.example.org/v1", "model": "m", "api_key_env": "HOUSE_VLM_KEY"}}}))
+    assert node_module.profile_names() == ["house-vlm", "toy"]
+    assert folder_paths.get_public_user_directory("__dualref") is None  # not reachable through /userdata

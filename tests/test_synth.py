@@ -1,0 +1,329 @@
+"""Dataset synthesis against a loopback OpenAI-compatible server (real HTTP on 127.0.0.1).
+
+The server and the colour-coded pools are in tests/synth_fakes.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from judge.base import Judge
+from judge.verdict import Unjudged, Verdict
+from synth_fakes import KEY_ENV, SECRET, FakeAPI, color_name, make_pools, mean_color, valid_plan
+from training.manifest import parse_line
+from training.synth import run_synthesis
+from training.synth_config import ConfigError, load_config, parse_config
+from training.synth_pairs import iter_pairs, pair_key, scan_pools, split_of
+from training.synth_plan import parse_reply, schema_errors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+def base_config(root: Path, api: FakeAPI, pools: dict, tasks: dict, **extra) -> dict:
+    cfg = {
+        "out": "out", "pools": pools, "tasks": tasks, "seed": 3, "test_fraction": 0.5,
+        "llm": {"base_url": api.url, "model": "planner", "api_key_env": KEY_ENV, "backoff_base_s": 0.01,
+                "backoff_max_s": 0.02, "price_input_per_mtok": 1.0, "price_output_per_mtok": 5.0},
+    }
+    cfg.update(extra)
+    (root / "synth.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def read_manifest(out: Path):
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    return [parse_line(t, out / "manifest.jsonl", i) for i, t in enumerate(lines, 1)]
+
+
+def assert_no_duplicates(samples):
+    assert len({s.id for s in samples}) == len(samples)
+    assert len({(s.task, tuple(sorted(s.images)) if s.task == "group_portrait" else tuple(s.images))
+                for s in samples}) == len(samples)
+    assert len({(s.task, s.instruction.lower()) for s in samples}) == len(samples)
+
+
+class ColorJudge(Judge):
+    """Deterministic judge: 'no' when image 2 is st_ugly or the target is not the pair's mean colour;
+    Unjudged (once) for pairs whose image 1 is in ``flaky``."""
+
+    name = "color-test"
+
+    def __init__(self, flaky=()):
+        self.flaky, self.calls = set(flaky), []
+
+    def judge(self, request):
+        n1, n2 = color_name(request.reference1), color_name(request.reference2)
+        self.calls.append((request.task, n1, n2))
+        if n1 in self.flaky and request.task == "animal_scene":
+            raise Unjudged("judge endpoint unavailable", request.sample_id)
+        right_target = request.output.getpixel((0, 0)) == mean_color(n1, n2)
+        good = 0.0 if n2 == "st_ugly" else 1.0
+        return Verdict(good, float(right_target), 1.0, judge=self.name, sample_id=request.sample_id)
+
+
+# -- the main flow: faults, invalid plans, image edits, judge filter, unjudged retried next run ---
+def test_synthesis_with_edits_judge_faults_and_resume(tmp_path, api_key, caplog):
+    def rule(task, names, followups):
+        if task == "animal_scene" and "a_bad" in names:
+            return {"task": task, "instruction": "missing the rest of the plan"}  # never valid
+        if names == ("s_ok", "a_ok") and not followups:
+            return "Sure! Here is the plan: {not json"  # valid after the correction
+        return valid_plan(task, names)
+
+    api = FakeAPI(rule)
+    api.chat_faults = [429, 500]
+    api.image_faults = [503]
+    try:
+        pools = make_pools(tmp_path, ["s_ok", "s_flaky", "a_ok", "a_bad", "st_ok", "st_ugly"])
+        base_config(tmp_path, api, pools, {"animal_scene": 4, "style_transfer": 3},
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "endpoint": "edits",
+                           "size": "256x256", "backoff_base_s": 0.01, "backoff_max_s": 0.02, "price_per_image": 0.01},
+                    judge={"threshold": 0.99})
+        cfg = tmp_path / "synth.json"
+        out = tmp_path / "out"
+
+        first = run_synthesis(cfg, judge=ColorJudge(flaky={"s_flaky"}), progress=False)
+        assert first["tasks"]["animal_scene"] == {"kept": 1, "rejected": 0, "failed": 2, "pending": 1, "wanted": 4}
+        assert first["tasks"]["style_transfer"]["kept"] == 3 and first["stopped"] is None
+        assert not first["complete"]  # animal_scene: the pools hold only one more acceptable pair
+        assert sorted(api.faults_served) == [("chat", 429), ("chat", 500), ("image", 503)]  # all retried
+        assert len(read_manifest(out)) == 4
+
+        chats = len(api.chat_log)
+        images = len(api.image_log)
+        judge = ColorJudge()
+        second = run_synthesis(cfg, judge=judge, progress=False)
+        assert second["tasks"]["animal_scene"]["kept"] == 2 and second["tasks"]["animal_scene"]["pending"] == 0
+        assert len(api.chat_log) == chats and len(api.image_log) == images  # nothing paid for is asked again
+        assert judge.calls == [("animal_scene", "s_flaky", "a_ok")]
+    finally:
+        api.close()
+
+    plan_requests = {}
+    for entry in api.chat_log:
+        plan_requests.setdefault((entry["task"], entry["names"]), []).append(entry)
+        assert entry["response_format"] == {"type": "json_object"}
+    corrected = plan_requests[("animal_scene", ("s_ok", "a_ok"))]
+    assert len(corrected) == 2 and "not valid JSON" in corrected[1]["followups"][0]
+    for names in (("s_ok", "a_bad"), ("s_flaky", "a_bad")):  # given up after max_plan_attempts, not retried
+        attempts = plan_requests[("animal_scene", names)]
+        assert len(attempts) == 3 and "'image1' is a required property" in attempts[-1]["followups"][-1]
+
+    samples = read_manifest(out)
+    assert sorted(s.task for s in samples) == ["animal_scene"] * 2 + ["style_transfer"] * 3
+    assert_no_duplicates(samples)
+    for s in samples:
+        refs = [Image.open(out / p) for p in s.images]
+        names = [color_name(r) for r in refs]
+        assert names[1] != "st_ugly" and "a_bad" not in names[1:]  # the judge's 'no' and failed plans are out
+        assert Image.open(out / s.target).getpixel((0, 0)) == mean_color(*names)
+        assert s.plan["target_description"] and "instruction" not in s.plan and s.split in ("train", "test")
+    edits = [e for e in api.image_log if "names" in e]
+    assert all(e["model"] == "painter" and e["size"] == "256x256" and len(e["names"]) == 2 for e in edits)
+
+    state_lines = [json.loads(t) for t in (out / "state.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "unjudged" for r in state_lines)
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in caplog.text
+
+
+# -- the budget: stop cleanly, keep what is done, resume without duplicates ---------------------
+def test_budget_stop_then_resume_with_concurrency_no_duplicates(tmp_path, api_key):
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3", "c1", "c2"])
+        base_config(tmp_path, api, pools, {"group_portrait": 3, "clothing_replace": 2},
+                    budget={"max_requests": 2})
+        first = run_synthesis(tmp_path / "synth.json", progress=False)
+        assert first["stopped"].startswith("request budget reached")
+        assert first["budget"]["requests"] == 2 and len(api.chat_log) == 2
+        assert first["budget"]["cost_usd"] == pytest.approx(2 * (1000 * 1.0 + 200 * 5.0) / 1e6)
+        assert len(read_manifest(tmp_path / "out")) == 2  # what was done is kept
+
+        cfg = load_config(tmp_path / "synth.json")
+        cfg.max_requests, cfg.concurrency = None, 3
+        second = run_synthesis(cfg, progress=False)
+        assert second["complete"] and second["stopped"] is None
+        assert len(api.chat_log) == 5  # one plan per kept pair, none asked twice
+        third = run_synthesis(cfg, progress=False)
+        assert third["budget"]["requests"] == 0 and len(api.chat_log) == 5
+    finally:
+        api.close()
+    samples = read_manifest(tmp_path / "out")
+    assert sorted(s.task for s in samples) == ["clothing_replace"] * 2 + ["group_portrait"] * 3
+    assert_no_duplicates(samples)
+    # group portraits are unordered: the three pairs of three people, each once
+    groups = {frozenset(color_name(Image.open(tmp_path / "out" / p)) for p in s.images)
+              for s in samples if s.task == "group_portrait"}
+    assert groups == {frozenset(p) for p in (("p1", "p2"), ("p1", "p3"), ("p2", "p3"))}
+
+
+def test_repeated_instruction_is_sent_back(tmp_path, api_key):
+    def rule(task, names, followups):
+        if not followups:
+            return valid_plan(task, names, instruction="Put the two people of image 1 and image 2 together.")
+        return valid_plan(task, names)
+
+    api = FakeAPI(rule)
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3"])
+        base_config(tmp_path, api, pools, {"group_portrait": 2})
+        summary = run_synthesis(tmp_path / "synth.json", progress=False)
+    finally:
+        api.close()
+    assert summary["complete"]
+    samples = read_manifest(tmp_path / "out")
+    assert len(samples) == 2 and len({s.instruction for s in samples}) == 2
+    assert sum("already used" in f for e in api.chat_log for f in e["followups"]) == 1
+
+
+def test_failing_endpoint_stops_the_run_and_the_rerun_resumes_from_the_last_step(tmp_path, api_key):
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    api.image_faults = [500] * 4  # two pairs x (1 try + 1 retry)
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "c1"])
+        base_config(tmp_path, api, pools, {"clothing_replace": 2}, max_consecutive_errors=2,
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "max_retries": 1,
+                           "backoff_base_s": 0.01, "backoff_max_s": 0.02})
+        first = run_synthesis(tmp_path / "synth.json", progress=False)
+        assert first["stopped"].startswith("2 failures in a row") and "gave up after 2 attempts" in first["stopped"]
+        assert first["tasks"]["clothing_replace"] == {"kept": 0, "rejected": 0, "failed": 0, "pending": 2, "wanted": 2}
+        assert len(api.chat_log) == 2 and read_manifest(tmp_path / "out") == []
+        second = run_synthesis(tmp_path / "synth.json", progress=False)
+        assert second["complete"] and len(api.chat_log) == 2  # the plans were kept, not asked again
+        assert len(api.image_log) == 2
+    finally:
+        api.close()
+    notes = [json.loads(t) for t in (tmp_path / "out" / "state.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in notes].count("error") == 2
+
+
+def test_corrupt_pool_image_is_skipped_by_name(tmp_path, api_key, caplog):
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "c1", "c2"])
+        (tmp_path / "pools" / "clothing" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        base_config(tmp_path, api, pools, {"clothing_replace": 3})
+        summary = run_synthesis(tmp_path / "synth.json", progress=False)
+    finally:
+        api.close()
+    assert summary["tasks"]["clothing_replace"] == {"kept": 2, "rejected": 0, "failed": 1, "pending": 0, "wanted": 3}
+    assert "broken.png" in caplog.text and "fix or remove the file" in caplog.text
+    assert len(api.chat_log) == 2 and len(read_manifest(tmp_path / "out")) == 2
+
+
+# -- the CLI: generations endpoint, cost budget, exit codes, config errors ----------------------
+def run_cli(*args, env_key=True):
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    if env_key:
+        env[KEY_ENV] = SECRET
+    return subprocess.run([sys.executable, "-m", "training.synth", *map(str, args), "-q"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_generations_cost_budget_and_rerun(tmp_path):
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["s_ok", "s_flaky", "p1", "p2"])
+        base_config(tmp_path, api, pools, {"person_scene": 3},
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV,
+                           "endpoint": "generations", "response_format": "b64_json", "price_per_image": 0.5},
+                    budget={"max_cost_usd": 1.0})
+        run = run_cli("--config", tmp_path / "synth.json")
+        assert run.returncode == 3, run.stderr
+        assert "stopped early: cost budget reached" in run.stderr and SECRET not in run.stderr + run.stdout
+        assert len(read_manifest(tmp_path / "out")) == 2
+        run = run_cli("--config", tmp_path / "synth.json", "--max-cost", 10)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["tasks"]["person_scene"]["kept"] == 3
+    finally:
+        api.close()
+    samples = read_manifest(tmp_path / "out")
+    assert len(samples) == 3 and len(api.image_log) == 3
+    for s, call in zip(samples, api.image_log):
+        assert call["response_format"] == "b64_json" and call["prompt"].startswith(s.instruction)
+        assert Image.open(tmp_path / "out" / s.target).getpixel((0, 0)) == (len(call["prompt"]) % 256, 7, 7)
+
+
+def test_cli_config_errors_name_the_fix(tmp_path):
+    pools = make_pools(tmp_path, ["p1", "p2"])
+    cfg = {"out": "out", "pools": pools, "tasks": {"group_portrait": 1},
+           "llm": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": SECRET}}
+    (tmp_path / "a.json").write_text(json.dumps(cfg))
+    run = run_cli("--config", tmp_path / "a.json")
+    assert run.returncode == 2 and "keys never go in config files" in run.stderr and SECRET not in run.stderr
+
+    cfg["llm"] = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": KEY_ENV}
+    (tmp_path / "b.json").write_text(json.dumps(cfg))
+    run = run_cli("--config", tmp_path / "b.json", env_key=False)
+    assert run.returncode == 2 and f"${KEY_ENV}" in run.stderr and "not set" in run.stderr
+
+    cfg["tasks"] = {"clothing_replace": 1}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    run = run_cli("--config", tmp_path / "c.json")
+    assert run.returncode == 2 and "theme clothing" in run.stderr and "pools.clothing" in run.stderr
+
+
+# -- pieces ----------------------------------------------------------------------------------
+def test_schema_and_reply_parsing():
+    plan = valid_plan("style_transfer", ("s_ok", "st_ok"))
+    assert schema_errors(plan, "style_transfer") == []
+    assert schema_errors(plan, "animal_scene") == ["task: must be 'animal_scene' (the task asked for), got 'style_transfer'"]
+    bad = dict(plan, placement={"region": "somewhere", "scale": "medium"}, extra=1)
+    errors = " ".join(schema_errors(bad, "style_transfer"))
+    assert "Additional properties are not allowed ('extra'" in errors and "placement/region" in errors
+    assert parse_reply("```json\n" + json.dumps(plan) + "\n```") == plan
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_reply("{'single': 'quotes'}")
+
+
+def test_pairs_are_distinct_seeded_and_keyed_by_content(tmp_path):
+    make_pools(tmp_path, ["p1", "p2", "p3", "c1", "c2"])
+    (tmp_path / "pools" / "people" / "copy_of_p1.png").write_bytes((tmp_path / "pools" / "people" / "p1.png").read_bytes())
+    pools = scan_pools({"people": tmp_path / "pools" / "people", "clothing": tmp_path / "pools" / "clothing"})
+    assert len(pools["people"]) == 3  # the copy is the same image
+    people = pools["people"]
+    groups = list(iter_pairs("group_portrait", people, people, seed=1))
+    assert len(groups) == 3 and len({k for *_, k in groups}) == 3
+    assert [k for *_, k in iter_pairs("group_portrait", people, people, seed=1)] == [k for *_, k in groups]
+    assert pair_key("group_portrait", "a", "b") == pair_key("group_portrait", "b", "a")
+    assert pair_key("clothing_replace", "a", "b") != pair_key("clothing_replace", "b", "a")
+    splits = [split_of(f"{i:020x}", 0.25) for i in range(400)]
+    assert 60 < splits.count("test") < 140 and splits == [split_of(f"{i:020x}", 0.25) for i in range(400)]
+
+
+def test_config_rejects_unknown_fields_and_insecure_key_use(tmp_path):
+    base = {"pools": {}, "tasks": {}, "llm": {"base_url": "http://example.com/v1", "model": "m", "api_key_env": KEY_ENV}}
+    with pytest.raises(ConfigError, match="plain http"):
+        parse_config(base, tmp_path)
+    with pytest.raises(ConfigError, match="unknown field"):
+        parse_config({**base, "llm": {"base_url": "https://x/v1", "model": "m", "colour": 1}}, tmp_path)
+    with pytest.raises(ConfigError, match="NAME of an environment variable"):
+        parse_config({**base, "llm": {"base_url": "https://x/v1", "model": "m", "api_key_env": "sk-abc123"}}, tmp_path)
+
+
+def test_unknown_judge_profile_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("DUALREF_JUDGE_CONFIG", raising=False)
+    from training.synth import Synthesizer
+
+    endpoint = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    cfg = parse_config({"pools": {}, "tasks": {}, "llm": endpoint, "image": endpoint, "judge": {"profile": "nope"}}, tmp_path)
+    with pytest.raises(ConfigError, match="judge filter: unknown judge profile 'nope'"):
+        Synthesizer(cfg, progress=False)
+    cfg.image = None
+    with pytest.raises(ConfigError, match="the judge filter scores target images; configure 'image'"):
+        Synthesizer(cfg, judge=ColorJudge(), progress=False)
