@@ -41,7 +41,14 @@ def import_host() -> Path:
     mod = sys.modules.get("nodes")
     if mod is not None and not str(getattr(mod, "__file__", "")).startswith(str(path)):
         del sys.modules["nodes"]  # never our nodes/ package
-    import comfy.model_management  # noqa: F401  (parses default args: CPU when no GPU)
+    if "comfy.model_management" not in sys.modules:
+        import comfy.cli_args
+        import torch
+
+        # ComfyUI's defaults assume a GPU; without one behave like `main.py --cpu`.
+        if not torch.cuda.is_available():
+            comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
 
     return path
 

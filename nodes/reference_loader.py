@@ -1,0 +1,151 @@
+"""DualReferenceLoader: two images -> conditioning carrying both reference latents + an output canvas."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from comfy_api.latest import io
+
+log = logging.getLogger(__name__)
+
+MULTIPLE = 16  # pixels: Flux latents are 1/8 of the image and tokens 2x2 latents
+CANVAS_OPTIONS = ["reference 1", "reference 2", "custom"]
+
+
+def budget_size(height: int, width: int, megapixels: float, multiple: int = MULTIPLE) -> tuple[int, int]:
+    """(height, width) near ``megapixels`` (1 MP = 1024x1024, as ComfyUI counts) with the image's aspect
+    ratio, each side a multiple of ``multiple``; ``megapixels <= 0`` keeps the image's own size."""
+    scale = 1.0 if megapixels <= 0 else math.sqrt(megapixels * 1024 * 1024 / (height * width))
+    return snap(height * scale, multiple), snap(width * scale, multiple)
+
+
+def snap(pixels: float, multiple: int = MULTIPLE) -> int:
+    """Nearest multiple (halves round up, unlike Python's round), at least one multiple."""
+    return max(multiple, math.floor(pixels / multiple + 0.5) * multiple)
+
+
+def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, height, width); area when shrinking (anti-aliased), bicubic when growing."""
+    if images.shape[-2:] == (height, width):
+        return images
+    shrink = height * width < images.shape[-2] * images.shape[-1]
+    out = torch.nn.functional.interpolate(images, size=(height, width), mode="area" if shrink else "bicubic",
+                                          align_corners=None if shrink else False)
+    return out.clamp(0.0, 1.0)
+
+
+def fit_to_box(image: torch.Tensor, height: int, width: int, crop: bool) -> torch.Tensor:
+    """Scale an IMAGE (B, H, W, C) uniformly (never stretched) into a ``height`` x ``width`` box.
+
+    ``crop=False``: the whole image fits inside and the few leftover pixels (under one multiple of 16)
+    repeat its edges; ``crop=True``: it covers the box and the overhang is cut off, centred.
+    """
+    h, w = image.shape[1], image.shape[2]
+    pick = max if crop else min
+    scale = pick(height / h, width / w)
+    new_h, new_w = round(h * scale), round(w * scale)
+    new_h, new_w = (max(height, new_h), max(width, new_w)) if crop else (min(height, new_h), min(width, new_w))
+    x = _resize(image.movedim(-1, 1), new_h, new_w)
+    if crop:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        x = x[:, :, top:top + height, left:left + width]
+    elif (new_h, new_w) != (height, width):
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        pad = (left, width - new_w - left, top, height - new_h - top)
+        x = torch.nn.functional.pad(x, pad, mode="replicate")
+    return x.movedim(1, -1)
+
+
+def check_image(name: str, image) -> torch.Tensor:
+    if image is None or not torch.is_tensor(image) or image.ndim != 4 or image.numel() == 0:
+        shape = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise ValueError(f"{name} is empty or not an IMAGE (got {shape}); connect a Load Image node with a picture.")
+    if image.shape[-1] < 3:
+        raise ValueError(f"{name} has {image.shape[-1]} channel(s); an RGB image is needed.")
+    return image[..., :3]
+
+
+def batch_size(image_1: torch.Tensor, image_2: torch.Tensor) -> int:
+    b1, b2 = image_1.shape[0], image_2.shape[0]
+    if b1 != b2 and 1 not in (b1, b2):
+        raise ValueError(
+            f"image_1 has a batch of {b1} and image_2 a batch of {b2}; give both the same batch size, "
+            "or one single image to pair with every image of the other."
+        )
+    return max(b1, b2)
+
+
+def canvas_latent(canvas: str, latents: list[torch.Tensor], width: int, height: int, batch: int, ratio: int):
+    """Zero LATENT for the output: the size of a chosen reference, or ``width`` x ``height`` (snapped to 16)."""
+    channels = latents[0].shape[1]
+    if canvas == "custom":
+        height, width = snap(height), snap(width)
+        shape = (batch, channels, height // ratio, width // ratio)
+    else:
+        ref = latents[CANVAS_OPTIONS.index(canvas)]
+        shape = (batch, *ref.shape[1:])
+    import comfy.model_management
+
+    return {"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())}
+
+
+class DualReferenceLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualReferenceLoader",
+            display_name="Dual Reference Loader (DualRef)",
+            category="DualRef/conditioning",
+            description=(
+                "Encodes two reference images with the VAE and appends both latents, in order, to the "
+                "conditioning's reference_latents (like two chained ReferenceLatent nodes). Each image is "
+                "scaled to a pixel budget keeping its aspect ratio (sides multiples of 16 px, never "
+                "stretched). Also returns an empty LATENT for the output canvas. Use with DiagonalPositionPatch."
+            ),
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip=(
+                    "The instruction's text conditioning (e.g. from CLIP Text Encode).")),
+                io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) that encodes both references."),
+                io.Image.Input("image_1", tooltip="Reference 1, usually the scene/image to edit."),
+                io.Image.Input("image_2", tooltip="Reference 2, usually the object, person or style to bring in."),
+                io.Float.Input("megapixels", default=1.0, min=0.0, max=16.0, step=0.01, tooltip=(
+                    "Pixel budget per reference (1.0 = 1024x1024); 0 keeps each image's own size. "
+                    "Sides are rounded to multiples of 16 px.")),
+                io.Boolean.Input("crop", default=False, tooltip=(
+                    "Off: the whole image is kept and the few pixels needed to reach a multiple of 16 repeat "
+                    "its edges. On: the image covers the size and the overhang is cut off, centred.")),
+                io.Combo.Input("canvas", options=CANVAS_OPTIONS, default=CANVAS_OPTIONS[0], tooltip=(
+                    "Size of the output LATENT: that of reference 1, of reference 2, or width x height.")),
+                io.Int.Input("width", default=1024, min=16, max=16384, step=16, tooltip=(
+                    "Output width in pixels when canvas is 'custom' (rounded to a multiple of 16).")),
+                io.Int.Input("height", default=1024, min=16, max=16384, step=16, tooltip=(
+                    "Output height in pixels when canvas is 'custom' (rounded to a multiple of 16).")),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning", tooltip=(
+                    "The input conditioning with both reference latents appended to reference_latents "
+                    "(reference 1 first).")),
+                io.Latent.Output(display_name="latent", tooltip=(
+                    "Empty latent for the output canvas; its batch is the larger image batch.")),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, vae, image_1, image_2, megapixels=1.0, crop=False, canvas=CANVAS_OPTIONS[0],
+                width=1024, height=1024) -> io.NodeOutput:
+        import node_helpers
+
+        if vae is None or getattr(vae, "first_stage_model", True) is None:
+            raise ValueError("DualReferenceLoader needs a VAE: connect Load VAE with the FLUX VAE (ae.safetensors).")
+        images = [check_image("image_1", image_1), check_image("image_2", image_2)]
+        batch = batch_size(*images)
+        latents = []
+        for k, image in enumerate(images, start=1):
+            h, w = budget_size(image.shape[1], image.shape[2], megapixels)
+            log.debug("DualRef: reference %d %dx%d -> %dx%d px", k, image.shape[2], image.shape[1], w, h)
+            latents.append(vae.encode(fit_to_box(image, h, w, crop)))
+        ratio = vae.downscale_ratio if isinstance(getattr(vae, "downscale_ratio", None), int) else 8
+        latent = canvas_latent(canvas, latents, width, height, batch, ratio)
+        conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents": latents}, append=True)
+        return io.NodeOutput(conditioning, latent)
