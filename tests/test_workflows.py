@@ -1,0 +1,221 @@
+"""The five task workflows (issue 7, item 1): generated files, validity against the real host's
+/object_info, UI/API twins, the template browser's routes, and one API workflow end to end.
+
+The end-to-end run uses the committed ``workflows/api/animal_scene.json`` through the real queue
+client on a real ``main.py --cpu`` with tiny model files of the real formats under the real file
+names (tests/tiny_comfy_models.py). What it changes, all for size only:
+
+- ``DualCLIPLoader`` (CLIP-L + T5-XXL; ComfyUI always builds the full 4.7B T5-XXL for type flux)
+  becomes ``CLIPLoader`` on a random full-size CLIP-L, same node id and title; the transformer's
+  text width is CLIP-L's 768 to match;
+- ``megapixels`` 1.0 -> 0 (the 64 px toy images keep their size instead of growing to 1024 px);
+- ``steps`` 28 -> 4 (a 0.5B transformer step takes ~3 s on two cores).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_host import PACK_NAME, REPO, start_server
+from workflow_checks import BYPASS, SECRET, check_api, check_ui, frontend_widgets, sockets, ui_to_api
+from workflows import build
+from workflows.fill import fill_workflow, load_workflow, nodes_titled
+from workflows.task_graphs import FRONTEND_ONLY, NODE_TYPES, SFT_LORA, TASKS, task_graph
+
+try:
+    from training.manifest import TASKS as MANIFEST_TASKS
+except ImportError:  # pragma: no cover - the trainer's packages are part of the dev install
+    MANIFEST_TASKS = TASKS
+
+
+def ui(task: str) -> dict:
+    return json.loads(build.ui_path(task).read_text())
+
+
+def api(task: str) -> dict:
+    return json.loads(build.api_path(task).read_text())
+
+
+# -- the files (no host needed) -----------------------------------------------------------------
+def test_committed_workflows_are_what_the_builder_writes():
+    stale = [str(p.relative_to(REPO)) for p, text in build.built_files().items()
+             if not p.is_file() or p.read_text() != text]
+    assert not stale, f"out of date (run python -m workflows.build): {stale}"
+    assert build.main(["--check"]) == 0
+
+
+def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
+    assert set(TASKS) == set(MANIFEST_TASKS)
+    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(TASKS)
+    assert sorted(p.stem for p in build.API_DIR.glob("*.json")) == sorted(TASKS)
+    for task in TASKS:
+        thumb = build.thumbnail_path(task)
+        assert thumb.is_file(), f"no thumbnail {thumb.name} (python -m workflows.build --thumbnails)"
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and im.size[0] == im.size[1] >= 128
+
+
+def test_api_twins_follow_the_queue_convention():
+    for task in TASKS:
+        graph = load_workflow(task)  # what workflows.queue loads for --task
+        assert [graph[n]["class_type"] for n in nodes_titled(graph, "image 1") + nodes_titled(graph, "image 2")] \
+            == ["LoadImage", "LoadImage"]
+        assert [graph[n]["class_type"] for n in nodes_titled(graph, "output")] == ["SaveImage"]
+        filled = fill_workflow(graph, ["a.png", "b.png"], "put the cat from image 2 into image 1", seed=5)
+        (text_node,) = nodes_titled(filled, "instruction")
+        assert filled[text_node]["inputs"]["value"] == "put the cat from image 2 into image 1"
+        sampler = next(n for n in filled.values() if n["class_type"] == "KSampler")["inputs"]
+        assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) \
+            == (5, 28, 1.0, "euler", "simple")
+
+
+def test_workflows_carry_no_key_and_the_judge_only_a_profile_name():
+    for task in TASKS:
+        for text in (build.ui_path(task).read_text(), build.api_path(task).read_text()):
+            assert not SECRET.search(text), f"{task}: something that looks like a credential"
+        judge = next(n for n in ui(task)["nodes"] if n["type"] == "VLMJudge")
+        assert not any("://" in str(v) for v in judge["widgets_values"]), judge["widgets_values"]
+        assert judge["mode"] == BYPASS  # off until the user has configured a judge profile
+
+
+def test_layout_is_tidy():
+    """No two nodes overlap; every node that is not a note lies inside exactly one group."""
+    for task in TASKS:
+        graph = task_graph(task)
+        boxes = {n.id: (*n.pos, n.pos[0] + n.size[0], n.pos[1] + n.size[1]) for n in graph.nodes}
+        title = 30  # LiteGraph draws the title bar above pos
+        for a in graph.nodes:
+            for b in graph.nodes:
+                if a.id < b.id:
+                    ax0, ay0, ax1, ay1 = boxes[a.id]
+                    bx0, by0, bx1, by1 = boxes[b.id]
+                    assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 - title or by1 <= ay0 - title, \
+                        f"{task}: nodes {a.id} and {b.id} overlap"
+        for node in graph.nodes:
+            x0, y0, x1, y1 = boxes[node.id]
+            inside = [g for g, (gx, gy, gw, gh), _ in graph.groups
+                      if gx <= x0 and gy <= y0 - title and x1 <= gx + gw and y1 <= gy + gh]
+            allowed = (0, 1) if node.type in FRONTEND_ONLY else (1,)  # notes may sit outside the groups
+            assert len(inside) in allowed, f"{task}: node {node.id} ({node.type}) is in groups {inside}"
+
+
+# -- against the real host ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get_json("/object_info")
+
+
+
+@pytest.mark.host
+def test_node_type_table_matches_the_host(object_info):
+    """workflows/task_graphs.NODE_TYPES (what the builder writes) agrees with every node's /object_info."""
+    for type_name, kind in NODE_TYPES.items():
+        if type_name in FRONTEND_ONLY:
+            continue
+        assert type_name in object_info, f"{type_name} is not a node of this host (pack loaded?)"
+        spec = object_info[type_name]
+        assert [(s.name, s.type, s.optional) for s in kind.sockets] == sockets(spec), type_name
+        assert [(w.name, w.type, w.optional) for w in kind.widgets] == \
+            [(n, t, o) for n, t, _, o in frontend_widgets(spec)], type_name
+        assert [s.name for s in kind.outputs] == spec["output_name"], type_name
+        assert [s.type for s in kind.outputs] == spec["output"], type_name
+        assert [s.is_list for s in kind.outputs] == spec["output_is_list"], type_name
+        assert kind.display == (spec.get("display_name") or type_name), type_name
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("task", TASKS)
+def test_every_node_input_widget_and_link_is_valid_on_the_host(object_info, task):
+    problems = check_ui(task, ui(task), object_info) + check_api(task, api(task), object_info)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.host
+def test_the_checks_catch_broken_workflows(object_info):
+    """The validity checks above can fail: a wrong link type, a bad combo value, an unknown input."""
+    broken = ui("animal_scene")
+    broken["links"][0][5] = "IMAGE"  # the MODEL link now claims IMAGE
+    next(n for n in broken["nodes"] if n["type"] == "KSampler")["widgets_values"][4] = "no_such_sampler"
+    problems = "\n".join(check_ui("broken", broken, object_info))
+    assert "no_such_sampler" in problems and "ends disagree" in problems
+    graph = api("animal_scene")
+    graph["10"]["inputs"]["megapixel"] = graph["10"]["inputs"].pop("megapixels")
+    graph["4"]["inputs"]["model"] = ["3", 0]  # a VAE into a MODEL input
+    problems = "\n".join(check_api("broken", graph, object_info))
+    assert "no input named megapixel" in problems and "required input megapixels missing" in problems
+    assert "model (MODEL) fed by output 0 of node 3" in problems
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("task", TASKS)
+def test_ui_workflow_and_api_twin_describe_the_same_graph(object_info, task):
+    assert ui_to_api(ui(task), object_info) == api(task)
+
+
+@pytest.mark.host
+def test_template_browser_routes_list_and_serve_the_five_ui_workflows(comfy_server):
+    listed = comfy_server.get_json("/api/workflow_templates")
+    assert sorted(listed.get(PACK_NAME, [])) == sorted(TASKS), listed  # the API twins are not templates
+    for task in TASKS:
+        assert comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{task}.json") == ui(task)
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{task}.jpg") as r:
+            assert r.read() == build.thumbnail_path(task).read_bytes()
+
+
+# -- end to end ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_host(comfy_host, tmp_path_factory):
+    """A host whose models/ holds tiny files under the workflows' own file names."""
+    import tiny_comfy_models
+
+    base = tmp_path_factory.mktemp("tiny-host")
+    models = base / "models"
+    fingerprint = tiny_comfy_models.write_kontext_models(models, "flux1-kontext-dev.safetensors",
+                                                         "clip_l.safetensors", "ae.safetensors")
+    tiny_comfy_models.write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
+    try:
+        with start_server(base=base) as server:
+            yield server
+    finally:
+        shutil.rmtree(models, ignore_errors=True)  # ~1.4 GB: not left in pytest's kept tmp dirs
+
+
+@pytest.mark.host
+def test_api_workflow_runs_end_to_end_on_tiny_models(tiny_host, tmp_path):
+    from training.toy.world import make_sample
+    from workflows.queue import queue_job
+
+    sample = make_sample("animal_scene", seed=0, index=0, split="test", size=64)
+    image_1, image_2 = tmp_path / "scene.png", tmp_path / "animal.png"
+    Image.fromarray(sample.refs[0]).resize((64, 48)).save(image_1)  # landscape: the output keeps image 1's size
+    Image.fromarray(sample.refs[1]).save(image_2)
+    workflow = load_workflow("animal_scene")
+    (clip,) = [i for i, n in workflow.items() if n["class_type"] == "DualCLIPLoader"]
+    workflow[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
+                      "class_type": "CLIPLoader", "_meta": workflow[clip]["_meta"]}
+    (loader,) = [i for i, n in workflow.items() if n["class_type"] == "DualReferenceLoader"]
+    workflow[loader]["inputs"]["megapixels"] = 0.0
+    (sampler,) = [i for i, n in workflow.items() if n["class_type"] == "KSampler"]
+    workflow[sampler]["inputs"]["steps"] = 4
+    assert check_api("tiny", workflow, tiny_host.get_json("/object_info"), files=set()) == []  # files listed now
+
+    paths = queue_job(tiny_host.url, workflow, [image_1, image_2], sample.instruction, seed=7,
+                      out_dir=tmp_path / "out", timeout=600)
+    assert len(paths) == 1 and paths[0].suffix == ".png", paths
+    with Image.open(paths[0]) as im:
+        assert im.size == (64, 48)
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+        queued = json.loads(im.info["prompt"])  # SaveImage embeds the prompt it ran
+    assert pixels.std() > 1.0, "the decoded image is flat"
+    assert queued[sampler]["inputs"]["seed"] == 7 and queued[sampler]["inputs"]["steps"] == 4
+    text = next(n for n in queued.values() if n["_meta"]["title"] == "instruction")
+    assert text["inputs"]["value"] == sample.instruction
+    assert {n["class_type"] for n in queued.values()} >= {"DualReferenceLoader", "DiagonalPositionPatch",
+                                                          "DualLoRAApply", "KSampler", "SaveImage"}
+    log = tiny_host.log_text()
+    assert "lora key not loaded" not in log, log[-3000:]  # every LoRA module landed on the transformer

@@ -1,0 +1,258 @@
+"""The five UI workflows in the real ComfyUI frontend, in headless Chromium.
+
+The host serves its installed frontend (comfyui-frontend-package); Chromium is driven over the
+Chrome DevTools Protocol with websocket-client (no browser download, no Playwright). Each workflow is
+loaded with the frontend's own ``app.loadGraphData``; the test asserts that every node type is
+registered, that no missing-node dialog opens (a planted unknown node shows that the check can fail),
+that the frontend's own API export (``app.graphToPrompt``) equals the committed API twin, that no
+node is drawn smaller than the frontend's minimum size, and that the template browser shows the
+five templates under the pack. Screenshots land in the pytest tmp dir and in ``$DUALREF_ARTIFACTS``
+when set. Needs Debian's ``chromium`` (``apt-get install -y chromium``) or ``$DUALREF_CHROMIUM``; skips,
+saying so, without it.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from comfy_host import PACK_NAME, REPO
+
+websocket = pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
+
+TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
+# $DUALREF_CHROMIUM picks another Chromium/Chrome binary (or, pointing nowhere, skips this module).
+_CANDIDATES = ([os.environ["DUALREF_CHROMIUM"]] if os.environ.get("DUALREF_CHROMIUM")
+               else [shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"])
+CHROMIUM = next((p for p in _CANDIDATES if p and Path(p).is_file()), None)
+VIEWPORT = (1920, 1080)  # a common desktop screen: the workflows open framed for it
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--remote-debugging-port=0", "about:blank")
+
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install -y chromium) for the frontend check"),
+]
+
+
+class DevTools:
+    """The few Chrome DevTools Protocol calls this test needs, on one page target."""
+
+    def __init__(self, ws_url: str, timeout: float = 120):
+        self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:  # events arrive in between; only our answer matters
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def js(self, expression: str):
+        """Evaluate in the page, awaiting a promise; returns the JSON value or raises with the JS error."""
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise RuntimeError(details.get("exception", {}).get("description") or details.get("text"))
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self):
+        self.ws.close()
+
+
+@contextlib.contextmanager
+def chromium(profile: Path):
+    env = {**os.environ, "TMPDIR": str(profile)}  # its scratch dirs go with the profile
+    proc = subprocess.Popen([CHROMIUM, f"--user-data-dir={profile}", *FLAGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    page = None
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.time() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"Chromium did not start (exit code {proc.poll()})")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            target = next(t for t in json.loads(r.read()) if t["type"] == "page")
+        page = DevTools(target["webSocketDebuggerUrl"])
+        width, height = VIEWPORT
+        page.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        yield page
+    finally:
+        if page is not None:
+            page.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _post_setting(server, key: str, value) -> None:
+    req = urllib.request.Request(f"{server.url}/api/settings/{key}", data=json.dumps(value).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy_server, tmp_path_factory):
+    """The frontend of the test host, loaded in Chromium and ready (our nodes registered)."""
+    _post_setting(comfy_server, "Comfy.TutorialCompleted", True)  # no first-run template dialog over the graph
+    # The test host has no model files; that dialog is not what this checks (missing nodes are).
+    _post_setting(comfy_server, "Comfy.Workflow.ShowMissingModelsWarning", False)
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as page:
+        page.call("Page.navigate", url=comfy_server.url)
+        deadline = time.time() + 180
+        ready = "!!(window.app && app.graph && window.LiteGraph && LiteGraph.registered_node_types.DualReferenceLoader)"
+        while True:
+            with contextlib.suppress(RuntimeError):
+                if page.js(ready):
+                    break
+            if time.time() > deadline:
+                raise AssertionError("the ComfyUI frontend did not come up with the DualRef nodes in 180 s; host log:\n"
+                                     + comfy_server.log_text()[-3000:])
+            time.sleep(0.5)
+        yield page
+
+
+@pytest.fixture
+def artifacts(tmp_path):
+    """Where screenshots go: the test's tmp dir, copied to $DUALREF_ARTIFACTS when set."""
+    out = os.environ.get("DUALREF_ARTIFACTS")
+
+    def keep(path: Path) -> Path:
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(out) / path.name)
+        return path
+
+    return tmp_path, keep
+
+
+LOAD_JS = """
+(async (workflow, name) => {
+  document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());  // a previous load's dialogs
+  await new Promise(r => setTimeout(r, 300));
+  await app.loadGraphData(workflow, true, true, name, {showMissingModelsDialog: false});
+  await new Promise(r => setTimeout(r, 800));  // dialogs and the first frames
+  const registered = LiteGraph.registered_node_types;
+  return {
+    missing: workflow.nodes.map(n => n.type).filter(t => !(t in registered)),
+    dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText),
+    nodes: app.graph.nodes.map(n => ({id: n.id, type: n.type, size: [...n.size], min: [...n.computeSize()]})),
+    prompt: (await app.graphToPrompt()).output,
+  };
+})
+"""
+
+
+def load(page: DevTools, workflow: dict, name: str) -> dict:
+    return page.js(f"{LOAD_JS}({json.dumps(workflow)}, {json.dumps(name)})")
+
+
+def ui_workflow(task: str) -> dict:
+    return json.loads((REPO / "workflows" / f"{task}.json").read_text())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artifacts, task):
+    workflow = ui_workflow(task)
+    report = load(frontend, workflow, task)
+    assert report["missing"] == [], f"{task}: node types the frontend does not know: {report['missing']}"
+    assert report["dialogs"] == [], f"{task}: the frontend opened a dialog on load: {report['dialogs']}"
+    assert sorted(n["id"] for n in report["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
+    cramped = [(n["type"], n["size"], [round(v) for v in n["min"]]) for n in report["nodes"]
+               if n["size"][0] + 0.5 < n["min"][0] or n["size"][1] + 0.5 < n["min"][1]]
+    assert not cramped, f"{task}: nodes drawn smaller than the frontend's minimum (type, size, min): {cramped}"
+    twin = json.loads((REPO / "workflows" / "api" / f"{task}.json").read_text())
+    assert report["prompt"] == twin, f"{task}: the frontend's own API export differs from workflows/api/{task}.json"
+    tmp, keep = artifacts
+    time.sleep(0.5)
+    keep(frontend.screenshot(tmp / f"frontend-{task}.png"))
+
+
+def test_an_unknown_node_is_reported(frontend):
+    """The check above can fail: a workflow with a node type nobody registered opens the missing-node dialog."""
+    workflow = ui_workflow("animal_scene")
+    workflow["nodes"][4]["type"] = "DualRefNoSuchNode"
+    report = load(frontend, workflow, "planted-unknown-node")
+    assert report["missing"] == ["DualRefNoSuchNode"]
+    assert any("DualRefNoSuchNode" in text for text in report["dialogs"]), report["dialogs"]
+    frontend.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
+
+
+BROWSER_JS = """
+(async (pack, tasks) => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const dialogText = () => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\\n');
+  await app.extensionManager.command.execute('Comfy.BrowseTemplates');
+  let category = null;
+  for (let i = 0; i < 60 && !category; i++) {
+    await sleep(500);
+    category = [...document.querySelectorAll('.p-dialog *')]
+      .find(e => e.children.length === 0 && e.textContent.trim() === pack);
+  }
+  if (!category) return {error: 'no category ' + pack, text: dialogText().slice(0, 2000)};
+  category.click();
+  const cardOf = task => {  // the thumbnail whose card is titled with the template's name
+    for (const img of document.querySelectorAll('.p-dialog img')) {
+      for (let e = img.parentElement; e && !e.classList.contains('p-dialog'); e = e.parentElement) {
+        const text = e.innerText || '';
+        if (tasks.some(t => t !== task && text.includes(t))) break;  // climbed past the card
+        if (text.includes(task)) return img;
+      }
+    }
+    return null;
+  };
+  let thumbnails = {};
+  for (let i = 0; i < 60; i++) {
+    await sleep(500);
+    thumbnails = Object.fromEntries(tasks.map(t => [t, cardOf(t)?.naturalWidth ?? null]));
+    if (Object.values(thumbnails).every(w => w > 0)) break;
+  }
+  window.__dualrefCardOf = cardOf;
+  return {text: dialogText(), thumbnails};
+})
+"""
+
+
+def test_template_browser_shows_the_five_workflows_and_opens_one(frontend, artifacts):
+    """The user's path: open the template browser, pick the pack's category, see five cards with
+    thumbnails, click one, and get its graph."""
+    result = frontend.js(f"{BROWSER_JS}({json.dumps(PACK_NAME)}, {json.dumps(list(TASKS))})")
+    assert "error" not in result, result
+    for task in TASKS:
+        assert task in result["text"], f"template {task} is not shown:\n{result['text'][:2000]}"
+    assert result["thumbnails"] == {task: 228 for task in TASKS}, f"thumbnails (pixel widths): {result['thumbnails']}"
+    tmp, keep = artifacts
+    keep(frontend.screenshot(tmp / "frontend-template-browser.png"))
+    opened = frontend.js("""(async () => {
+      window.__dualrefCardOf('style_transfer').click();
+      for (let i = 0; i < 60 && document.querySelector('.p-dialog'); i++) await new Promise(r => setTimeout(r, 500));
+      const dialog = document.querySelector('.p-dialog');
+      return {open: dialog ? dialog.innerText.slice(0, 500) : null, types: app.graph.nodes.map(n => n.type),
+              instruction: app.graph.nodes.find(n => n.title === 'instruction')?.widgets?.[0]?.value};
+    })()""")
+    expected = ui_workflow("style_transfer")
+    assert opened["open"] is None, f"a dialog stayed open after clicking a template: {opened['open']}"
+    assert sorted(opened["types"]) == sorted(n["type"] for n in expected["nodes"])
+    assert opened["instruction"].startswith("Repaint the photo in image 1")

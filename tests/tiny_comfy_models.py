@@ -1,0 +1,99 @@
+"""Model files that ComfyUI's own loaders accept, with seeded random weights, for running the task
+workflows end to end on the CPU (host imported first: ``comfy_host.import_host()``).
+
+What ComfyUI's detection leaves free, and so what "tiny" can mean:
+
+- **FLUX.1 transformer** (``UNETLoader``): detection fixes 24 heads and RoPE axes (16, 56, 56), so the
+  width is 3072; depth is counted from the keys (1 double + 1 single block here) and the text and
+  pooled widths are read from ``txt_in``/``vector_in``. About 0.5B parameters: written in bf16 (1 GB).
+- **FLUX VAE** (``VAELoader``): the loader builds ch=128, ch_mult (1, 2, 4, 4), 2 res blocks for any
+  file with ``decoder.conv_in``; only z_channels (16, as FLUX) comes from the weights. Full size, 84M.
+- **Text encoder**: ``DualCLIPLoader`` type flux always builds the full T5-XXL (4.7B parameters), too
+  big here; a full-size random CLIP-L (123M) through ``CLIPLoader`` is the substitute. Its 768-wide
+  hidden states and pooled output set the transformer's ``context_in_dim`` and ``vec_in_dim``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from comfy_models import flux_shapes, flux_unet_config, random_state_dict
+
+CLIP_WIDTH = 768  # CLIP-L's hidden and pooled width
+LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
+                "single_transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_out.0")
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+def kontext_unet_config() -> dict:
+    return flux_unet_config(hidden=3072, heads=24, axes=(16, 56, 56), depth=1, single=1, context=CLIP_WIDTH,
+                            vec=CLIP_WIDTH)
+
+
+def clip_l_shapes() -> dict[str, torch.Size]:
+    """ComfyUI's CLIP-L text model (the config ``CLIPLoader`` builds for a CLIP-L file), on the meta device."""
+    import json
+    import os
+
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.sd1_clip
+
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        config = json.load(f)
+    module = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta", comfy.ops.disable_weight_init)
+    return _shapes(module)
+
+
+def flux_vae_shapes() -> dict[str, torch.Size]:
+    """The autoencoder ``VAELoader`` builds for a FLUX ``ae.safetensors`` (no quant convs), on the meta device."""
+    import comfy.ldm.models.autoencoder
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.device("meta"):
+        module = comfy.ldm.models.autoencoder.AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    return _shapes(module)
+
+
+def _save(state: dict, path: Path, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def write_kontext_models(models_dir: Path, unet: str, clip_l: str, vae: str, seed: int = 0) -> str:
+    """Write the three files under ``models_dir`` (diffusion_models/, text_encoders/, vae/), one model
+    alive at a time; returns the transformer's base fingerprint (what a DualRef LoRA records)."""
+    from dual_rope.lora_meta import base_fingerprint
+
+    state = random_state_dict(flux_shapes(kontext_unet_config()), seed, dtype=torch.bfloat16)
+    fingerprint = base_fingerprint(state.__getitem__, 1, 1, naming="bfl")
+    _save(state, models_dir / "diffusion_models" / unet)
+    del state
+    _save(random_state_dict(clip_l_shapes(), seed + 1, dtype=torch.bfloat16), models_dir / "text_encoders" / clip_l)
+    _save(random_state_dict(flux_vae_shapes(), seed + 2, dtype=torch.bfloat16), models_dir / "vae" / vae)
+    return fingerprint
+
+
+def write_dualref_lora(path: Path, fingerprint: str, layout: str = "diagonal", rank: int = 4, seed: int = 3):
+    """A small DualRef SFT LoRA for the tiny transformer, with the metadata DualLoRAApply checks."""
+    from training.lora_io import save_lora
+
+    gen = torch.Generator().manual_seed(seed)
+    width = kontext_unet_config()["hidden_size"]
+    lora = {}
+    for module in LORA_TARGETS:
+        lora[f"{module}.lora_A.weight"] = torch.randn(rank, width, generator=gen) / width ** 0.5
+        lora[f"{module}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.01
+    return save_lora(path, lora, dict(layout=layout, stage="sft", rank=rank, alpha=float(rank),
+                                      base_fingerprint=fingerprint, train={"steps": 1, "precision": "bf16"}))
