@@ -17,6 +17,12 @@ pass; probability mode gives the smallest of the checks' logistic scores, a grad
 that crosses 0.5 at the threshold. Colour matching is tolerant (nearest expected colour, mask
 overlap, shares of pixels), so a VAE's soft edges and small colour shifts pass while misplacement,
 wrong colours and noise do not. Calibration: tests/test_toy_judge.py.
+
+Score mode (``score`` / ``submit_score``, the paper's Table 1) is the toy stand-in for a
+GEdit-Bench / VIEScore 0-10 judge, derived from the same checks in probability mode:
+SC = 10 x min(fidelity, consistency) (instruction carried out, nothing else changed), PQ = 10 x
+realism (naturalness: blank / off-palette / broken; artifacts: speckle / banding / blur), each
+with its two sub-scores kept as a VLM's two numbers would be.
 """
 from __future__ import annotations
 
@@ -25,12 +31,14 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 
 import numpy as np
 from PIL import Image
 
 from . import toy_metrics as m
 from .base import Judge
+from .edit_score import EditScore
 from .images import to_pil
 from .toy_checks import Measure, PlanRenders
 from .verdict import MODES, QUESTIONS, JudgeRequest, Verdict
@@ -61,6 +69,7 @@ TASK_CHECKS = {  # task: (fidelity checks, consistency checks)
     "single_edit": (("presence", "appearance", "vacated"), ("preserve", "stray")),
 }
 REALISM_CHECKS = ("blank", "speckle", "banding", "sharpness", "off_palette", "broken")
+NATURALNESS_CHECKS = ("blank", "off_palette", "broken")  # score mode: PQ's first number; the rest are artifacts
 CACHE_SIZE = 512  # plans whose renders are kept (DDPO judges each prompt several times)
 
 
@@ -124,6 +133,36 @@ class ToyJudge(Judge):
         return Verdict(**scores, judge=self.name, mode=self.mode, answers=answers,
                        prompt_version=f"toy-plan-v{PLAN_VERSION}", latency_s=time.perf_counter() - start,
                        sample_id=request.sample_id)
+
+    def score(self, request: JudgeRequest) -> EditScore:
+        """The 0-10 Table-1 score (see the module docstring); raises ValueError like ``judge``."""
+        start = time.perf_counter()
+        measured = self.measure(request)
+        # ``score`` below is the module's check-scoring function (this method only shares its name)
+        prob = {q: {name: score(value, self.thresholds[name])[1] for name, value, _ in measured[q]} for q in QUESTIONS}
+
+        def ten(values) -> float:  # the weakest check decides, as in probability mode
+            return round(10.0 * min(values, default=1.0), 3)
+
+        realism = prob["realism"]
+        sc = [ten(prob["fidelity"].values()), ten(prob["consistency"].values())]
+        pq = [ten(p for n, p in realism.items() if n in NATURALNESS_CHECKS),
+              ten(p for n, p in realism.items() if n not in NATURALNESS_CHECKS)]
+        answers = {aspect: ", ".join(f"{n}={p:.2f}" for q in questions for n, p in prob[q].items())
+                   for aspect, questions in (("semantic_consistency", ("fidelity", "consistency")),
+                                             ("perceptual_quality", ("realism",)))}
+        return EditScore(min(sc), min(pq), judge=self.name, sub_scores={"semantic_consistency": sc,
+                         "perceptual_quality": pq}, answers=answers, prompt_version=f"toy-plan-v{PLAN_VERSION}-score",
+                         latency_s=time.perf_counter() - start, sample_id=request.sample_id)
+
+    def submit_score(self, request: JudgeRequest) -> "Future[EditScore]":
+        """``score`` as a settled Future (the toy judge takes milliseconds), like the HTTP judge's."""
+        future: Future = Future()
+        try:
+            future.set_result(self.score(request))
+        except Exception as e:  # ValueError for a request without a usable plan: the caller reports it
+            future.set_exception(e)
+        return future
 
     def measure(self, request: JudgeRequest) -> dict[str, list[tuple[str, float, str]]]:
         """``{question: [(check, value, text), ...]}``: the numbers behind a verdict."""

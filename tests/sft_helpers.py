@@ -1,0 +1,54 @@
+"""Shared builders for the model/data/SFT tests: a micro Kontext folder and a small toy world.
+
+The micro model is the toy factory's architecture with random weights (its VAE untrained), built
+in a few seconds; tests that need the *pretrained* toy base say so. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.config import SFTConfig
+from training.toy.templates import vocabulary
+from training.toy.world import generate_world
+from training.toy_models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
+
+
+def micro_model(folder: Path, seed: int = 0) -> Path:
+    if (folder / "dualref.json").is_file():
+        return folder
+    parts = build_components(vocabulary(), seed)
+    settings = {"name": "micro test model", "max_sequence_length": TOY_MAX_SEQUENCE_LENGTH,
+                "sampling": {"guidance": 1.0, "shift": None, "num_steps": 3}, "train": {"guidance": 1.0}}
+    return save_folder(folder, parts, settings)
+
+
+def micro_world(folder: Path, tasks=("animal_scene",), train: int = 16, test: int = 4, seed: int = 0) -> Path:
+    generate_world(folder, seed, train=train, test=test, tasks=tuple(tasks), progress=False)
+    return folder / "manifest.jsonl"
+
+
+def sft_config(model: Path, manifest: Path, out: Path, **sections) -> SFTConfig:
+    """A seconds-long LoRA run: rank 4, batch 4, no progress bar, 3-step validation sampling."""
+    cfg = SFTConfig()
+    cfg.model.path = str(model)
+    cfg.data.manifest = str(manifest)
+    cfg.data.batch_size = 4
+    cfg.lora.rank = 4
+    cfg.optim.lr = 2e-3
+    cfg.train.max_steps = 6
+    cfg.run.out_dir = str(out)
+    cfg.run.progress = False
+    cfg.run.checkpoint_every = 0
+    cfg.run.val_every = 0
+    cfg.run.val_samples = 2
+    cfg.run.val_loss_samples = 4
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    return path

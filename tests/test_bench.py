@@ -1,0 +1,376 @@
+"""``python -m training.bench`` (issue 7, item 3): Table 2 and Table 1 runs on a small toy world.
+
+The model is the toy architecture with random weights (tests/sft_helpers.micro_model): the real
+loading, caching, layout, LoRA and sampling code, without the minutes of pretraining the real toy
+base needs. Its outputs are noise, so judged scores are 0 except where a test puts known outputs
+(exact targets) in place; that is also how resuming is checked (a present output is never redone).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from judge.loopback import Reply, ScriptedChatServer
+from judge.toy import ToyJudge
+from judge.verdict import JudgeRequest
+from sft_helpers import micro_model
+from training.bench import main
+from training.bench_run import SEED_STRIDE
+from training.lora_io import save_lora, transformer_fingerprint
+from training.manifest import TASKS
+from training.toy.world import generate_world, make_sample
+
+REPO = Path(__file__).resolve().parents[1]
+PER_TASK = 2
+FAST = ["--steps", "2", "-q"]
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    return micro_model(tmp_path_factory.mktemp("bench-model") / "micro")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Every task, PER_TASK test samples each (single_edit included); no training samples."""
+    folder = tmp_path_factory.mktemp("bench-world")
+    generate_world(folder, seed=0, train=0, test=PER_TASK, progress=False)
+    return folder / "manifest.jsonl"
+
+
+def copy_world(world: Path, dest: Path) -> Path:
+    shutil.copytree(world.parent, dest, ignore=shutil.ignore_patterns(".cache"))
+    return dest / "manifest.jsonl"
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def random_lora(path: Path, model: Path, seed: int, other_base: bool = False, layout="diagonal") -> Path:
+    """A DualRef LoRA file for the micro transformer with random, clearly non-zero weights
+    (``other_base``: its metadata names another base model of the same shape)."""
+    from training.models import load_kontext
+
+    gen = torch.Generator().manual_seed(seed)
+    width = 128  # 4 heads x 32
+    state = {}
+    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v",
+                   "single_transformer_blocks.0.attn.to_k"):
+        state[f"{module}.lora_A.weight"] = torch.randn(4, width, generator=gen) / width ** 0.5
+        state[f"{module}.lora_B.weight"] = torch.randn(width, 4, generator=gen) * 0.5
+    fingerprint = transformer_fingerprint(load_kontext(model).transformer)
+    if other_base:
+        fingerprint = fingerprint[:-16] + "0123456789abcdef"
+    save_lora(path, state, dict(layout=layout, stage="sft", rank=4, alpha=4.0, base_fingerprint=fingerprint))
+    return path
+
+
+# -- the toy judge's 0-10 score mode --------------------------------------------------------------
+def test_toy_score_mode_ranks_exact_unchanged_and_noisy_outputs():
+    judge = ToyJudge()
+    sample = make_sample("single_edit", 0, 3, "test")
+    noise = np.random.default_rng(0).integers(0, 256, sample.target.shape, dtype=np.uint8)
+
+    def request(output):
+        return JudgeRequest(sample.instruction, sample.refs[0], None, output, sample.id, sample.task, sample.plan)
+
+    exact, unchanged, noisy = (judge.score(request(x)) for x in (sample.target, sample.refs[0], noise))
+    assert exact.semantic_consistency > 9.5 and exact.perceptual_quality > 9.5 and exact.overall > 9.5
+    assert unchanged.semantic_consistency < 1.0 < 9.0 < unchanged.perceptual_quality  # clean, but no edit made
+    assert noisy.perceptual_quality < 1.0 and noisy.overall < 1.0
+    assert exact.overall == pytest.approx(math.sqrt(exact.semantic_consistency * exact.perceptual_quality))
+    assert exact.semantic_consistency == min(exact.sub_scores["semantic_consistency"])
+    assert judge.submit_score(request(sample.target)).result().to_dict() == {
+        **exact.to_dict(), "latency_s": pytest.approx(exact.latency_s, abs=1.0)}
+    assert judge.judge(request(sample.target)).reward == 1.0  # the three-question mode is unchanged
+    with pytest.raises(ValueError, match="has no plan"):
+        judge.submit_score(JudgeRequest("x", sample.refs[0], None, sample.target)).result()
+
+
+# -- the no-argument path -------------------------------------------------------------------------
+def test_default_run_generates_judges_summarises_and_reports(tmp_path, monkeypatch, micro, capsys):
+    """No manifest, model or judge given: the toy world is generated in runs/toy/world, the cached toy
+    base is loaded (here: the micro model cached under the toy base's recipe key), the toy judge
+    scores, and Table 2 + report.html come out. Outputs already present are reused, not redone."""
+    from training.toy_base import DEFAULT_RECIPE, recipe_key
+
+    cache = tmp_path / "cache"
+    base = cache / f"toy-base-{recipe_key(DEFAULT_RECIPE)}"
+    shutil.copytree(micro, base)
+    settings = json.loads((base / "dualref.json").read_text())
+    (base / "dualref.json").write_text(json.dumps({**settings, "complete": True}))
+    monkeypatch.setenv("DUALREF_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+
+    world = tmp_path / "runs" / "toy" / "world"
+    run = tmp_path / "runs" / "bench" / "toy"
+    exact = [f"animal_scene-test-{i:05d}" for i in range(PER_TASK)]
+    (run / "outputs").mkdir(parents=True)
+    for i, sample_id in enumerate(exact):  # an earlier run's outputs: here, the exact targets
+        Image.fromarray(make_sample("animal_scene", 0, i, "test").target).save(run / "outputs" / f"{sample_id}.png")
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "outputs").iterdir()}
+
+    assert main(["--limit-per-task", str(PER_TASK), "-q"]) == 0
+    printed = capsys.readouterr().out
+
+    assert (world / "manifest.jsonl").is_file() and json.loads((world / "world.json").read_text())["seed"] == 0
+    ids = [s["id"] for s in lines(run / "manifest.jsonl")]
+    assert len(ids) == 5 * PER_TASK and {i.split("-")[0] for i in ids} == set(TASKS)
+    assert sorted(p.stem for p in (run / "outputs").glob("*.png")) == sorted(ids)
+    assert {p: (run / "outputs" / p).stat().st_mtime_ns for p in before} == before  # reused as they were
+    generated = {r["id"] for r in lines(run / "generated.jsonl")}
+    assert generated == set(ids) - set(exact)
+
+    verdicts = {r["id"]: r for r in lines(run / "judge" / "toy-binary" / "verdicts.jsonl")}
+    assert set(verdicts) == set(ids) and all(r["status"] == "judged" for r in verdicts.values())
+    assert all(verdicts[i]["verdict"]["reward"] == 1.0 for i in exact)
+    summary = json.loads((run / "judge" / "toy-binary" / "summary.json").read_text())
+    for task in TASKS:
+        rewards = [r["verdict"]["reward"] for r in verdicts.values() if r["task"] == task]
+        assert summary["tasks"][task]["reward"] == pytest.approx(sum(rewards) / len(rewards))
+        assert summary["tasks"][task]["n_judged"] == PER_TASK
+    assert summary["tasks"]["animal_scene"]["reward"] == 1.0
+
+    table = json.loads((run / "table2.json").read_text())["tables"][0]
+    assert table["header"] == ["Model", "Animal", "Person", "Group", "Style", "Clothing", "All"]
+    assert table["rows"][0][:2] == ["toy", 1.0]
+    assert table["rows"][0][-1] == pytest.approx(summary["overall"]["reward"])
+    assert "| Model | Animal | Person | Group | Style | Clothing | All |" in printed
+    assert "| toy | 1.000 |" in printed and "outputs: 8 generated, 2 reused, 0 generator errors" in printed
+    report = (run / "report.html").read_text()
+    for sample_id in ids:
+        assert f'src="outputs/{sample_id}.png"' in report
+    assert report.count("toy-binary: F 1 C 1 R 1 = 1.00") == PER_TASK
+    assert (run / "table2.md").read_text().startswith("**Table 2 - mean reward, judge toy")
+
+
+# -- resume after a kill ------------------------------------------------------------------------------
+def test_a_killed_run_resumes_without_redoing_outputs_or_verdicts(tmp_path, micro, world):
+    out = tmp_path / "run"
+    argv = ["--manifest", str(world), "--model", str(micro), "--limit-per-task", "3", "--batch-size", "1",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache")] + FAST
+    total = 5 * min(3, PER_TASK)
+    proc = subprocess.Popen([sys.executable, "-m", "training.bench", *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while len(list((out / "outputs").glob("*.png"))) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the run made no outputs in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stderr.close()
+    first = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "outputs").glob("*.png")}
+    assert 3 <= len(first) < total, "killed after the run had finished; nothing was left to resume"
+
+    assert main(argv) == 0
+    outputs = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "outputs").glob("*.png")}
+    assert len(outputs) == total and {k: outputs[k] for k in first} == first  # nothing redone
+    attempts = [r["id"] for r in lines(out / "generated.jsonl") if r["status"] == "ok"]
+    assert sorted(attempts) == sorted(o.removesuffix(".png") for o in outputs)  # each generated exactly once
+
+    # A kill while judging: 4 verdicts written, the 5th torn mid-line.
+    verdict_path = out / "judge" / "toy-binary" / "verdicts.jsonl"
+    kept = verdict_path.read_text().splitlines()[:4]
+    verdict_path.write_text("\n".join(kept) + "\n" + kept[0][:25])
+    assert main(argv) == 0
+    records = [json.loads(t) for t in verdict_path.read_text().splitlines()[:4]] + \
+        [json.loads(t) for t in verdict_path.read_text().splitlines()[5:]]
+    assert sorted(r["id"] for r in records) == sorted(o.removesuffix(".png") for o in outputs)  # once each
+    assert main(argv) == 0  # a finished run: nothing generated, nothing judged again
+    assert len(verdict_path.read_text().splitlines()) == 1 + total
+    assert len(lines(out / "generated.jsonl")) == total
+    assert json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["overall"]["n_judged"] == total
+
+
+# -- several judges; failures are counted, not scored ---------------------------------------------------
+class HttpJudge:
+    """A loopback VLM: 'yes' to fidelity and consistency, 'no' to realism (reward 2/3), except an
+    HTTP 500 for every question about one instruction while ``failing`` is set."""
+
+    def __init__(self, failing_instruction: str):
+        self.failing = failing_instruction
+        self.server = ScriptedChatServer(self.script)
+
+    def script(self, call):
+        if self.failing and call.instruction == self.failing:
+            return Reply.error(500, "overloaded")
+        if call.question == "semantic_consistency":
+            return Reply.answer('{"score": [9, 7], "reasoning": "done, a little more changed"}')
+        if call.question == "perceptual_quality":
+            return Reply.answer('{"score": [10, 9], "reasoning": "natural, faint blur"}')
+        return Reply.answer("No." if call.question == "realism" else "Yes.")
+
+    def config(self, folder: Path) -> Path:
+        profile = {"base_url": self.server.base_url, "model": "loop-vlm", "max_retries": 1, "backoff_base_s": 0.01,
+                   "parse_retries": 0, "cache": False}
+        path = folder / "judges.json"
+        path.write_text(json.dumps({"profiles": {"loop": profile}}))
+        return path
+
+
+def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(tmp_path, micro, world, capsys):
+    manifest = copy_world(world, tmp_path / "world")
+    samples = lines(manifest)
+    broken = next(s for s in samples if s["task"] == "person_scene" and s["split"] == "test")
+    (manifest.parent / broken["images"][0]).unlink()  # its generation must fail, named
+    flaky = next(s for s in samples if s["task"] == "group_portrait")
+    judge = HttpJudge(flaky["instruction"])
+    out = tmp_path / "run"
+    with judge.server:
+        argv = ["--manifest", str(manifest), "--model", str(micro), "--judge", "toy", "--judge", "loop",
+                "--judge-config", str(judge.config(tmp_path)), "--out", str(out)] + FAST
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        n = 5 * PER_TASK
+        toy = json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())
+        loop = json.loads((out / "judge" / "loop-binary" / "summary.json").read_text())
+        assert toy["overall"]["n_judged"] == n - 1 and toy["overall"]["n_missing"] == 1
+        assert loop["overall"]["n_judged"] == n - 2 and loop["overall"]["n_unjudged"] == 1
+        assert loop["overall"]["n_missing"] == 1
+        assert loop["overall"]["reward"] == pytest.approx(2 / 3)  # failures are not averaged in as 0
+        assert loop["tasks"]["group_portrait"]["reward"] == pytest.approx(2 / 3)
+        assert loop["tasks"]["person_scene"]["n_judged"] == PER_TASK - 1
+        for summary in (toy, loop):
+            assert list(summary["generator_errors"]) == [broken["id"]]
+            assert "not found" in summary["generator_errors"][broken["id"]]
+        assert "judge toy-binary: 9 judged, 0 unjudged, 1 without output" in printed
+        assert "judge loop-binary: 8 judged, 1 unjudged, 1 without output" in printed
+        tables = json.loads((out / "table2.json").read_text())["tables"]
+        assert [t["title"] for t in tables] == ["Table 2 - mean reward, judge toy (toy, binary)",
+                                                 "Per task, judge toy (toy, binary)",
+                                                 "Table 2 - mean reward, judge loop (loop-vlm@127.0.0.1, binary)",
+                                                 "Per task, judge loop (loop-vlm@127.0.0.1, binary)"]
+        per_task = {row[0]: row for row in tables[3]["rows"]}
+        assert per_task["group_portrait"][-1] == "1 unjudged" and per_task["person_scene"][-1] == "1 missing"
+        report = (out / "report.html").read_text()
+        assert report.count("unjudged:") == 1 and f"no output: reference 1 " in report
+
+        judge.failing = None  # the judge recovers; the reference is still missing
+        assert main(argv) == 0
+    loop = json.loads((out / "judge" / "loop-binary" / "summary.json").read_text())
+    assert loop["overall"]["n_judged"] == n - 1 and loop["overall"]["n_unjudged"] == 0
+    errors = [r for r in lines(out / "generated.jsonl") if r["status"] == "error"]
+    assert [r["id"] for r in errors] == [broken["id"]] * 2  # retried on the rerun, still reported
+
+
+# -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
+def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
+    from training.evaluate import sample_split
+
+    tasks = ["animal_scene", "style_transfer"]
+    common = ["--manifest", str(world), "--model", str(micro), "--tasks", *tasks, "--seed", "3",
+              "--cache-dir", str(tmp_path / "cache")] + FAST
+    base, tuned, stacked = tmp_path / "base", tmp_path / "tuned", tmp_path / "stacked"
+    lora = random_lora(tmp_path / "sft.safetensors", micro, seed=1)
+    lora2 = random_lora(tmp_path / "ddpo.safetensors", micro, seed=2)
+    assert main(common + ["--out", str(base)]) == 0
+    assert main(common + ["--out", str(tuned), "--lora", str(lora)]) == 0
+    assert main(common + ["--out", str(stacked), "--lora", str(lora), "--lora2", str(lora2)]) == 0
+    assert main(common + ["--out", str(tmp_path / "only2"), "--lora", str(lora2)]) == 0
+
+    expected = sample_split(str(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
+                            cache_dir=tmp_path / "cache")
+    assert len(expected) == 2 * PER_TASK
+    for out in expected:
+        assert np.array_equal(pixels(base / "outputs" / f"{out.sample.id}.png"), out.image), out.sample.id
+    seeds = {r["id"]: r["seed"] for r in lines(base / "generated.jsonl")}
+    assert seeds == {o.sample.id: 3 * SEED_STRIDE + i for i, o in enumerate(expected)}
+    ids = list(seeds)
+    for a, b in ((base, tuned), (tuned, stacked), (tmp_path / "only2", stacked)):  # both LoRAs act
+        assert all(not np.array_equal(pixels(a / "outputs" / f"{i}.png"), pixels(b / "outputs" / f"{i}.png"))
+                   for i in ids)
+    info = json.loads((stacked / "run.json").read_text())
+    assert info["label"] == "micro+sft+ddpo" and len(info["identity"]["loras"]) == 2
+
+    # Another LoRA in a folder that holds this run's outputs: refused, nothing overwritten.
+    capsys.readouterr()
+    assert main(common + ["--out", str(tuned), "--lora", str(lora2)]) == 2
+    assert "holds outputs made with other settings (loras differ)" in capsys.readouterr().err
+    # A LoRA trained on another base model: a clear error naming the file.
+    alien = random_lora(tmp_path / "alien.safetensors", micro, seed=4, other_base=True)
+    assert main(common + ["--out", str(tmp_path / "alien"), "--lora", str(alien)]) == 2
+    err = capsys.readouterr().err
+    assert "alien.safetensors was trained on another base model" in err and "pass the --model" in err
+    assert main(common + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "nope.safetensors")]) == 2
+    assert "LoRA file not found" in capsys.readouterr().err
+
+    compare = tmp_path / "compare"
+    assert main(["--compare", str(base), str(tuned), str(stacked), "--out", str(compare)]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads((compare / "compare.json").read_text())["tables"][0]
+    assert [row[0] for row in table["rows"]] == ["micro", "micro+sft", "micro+sft+ddpo"]
+    assert "| micro+sft+ddpo |" in printed
+    report = (compare / "report.html").read_text()
+    for run in (base, tuned, stacked):
+        assert f'src="../{run.name}/outputs/{ids[0]}.png"' in report
+
+
+# -- Table 1 ---------------------------------------------------------------------------------------------
+def test_single_reference_table_scores_base_and_finetuned(tmp_path, micro, world, capsys):
+    lora = random_lora(tmp_path / "sft.safetensors", micro, seed=1)
+    judge = HttpJudge(None)
+    out = tmp_path / "table1"
+    with judge.server:
+        argv = ["--single", "--manifest", str(world), "--model", str(micro), "--lora", str(lora), "--judge", "toy",
+                "--judge", "loop", "--judge-config", str(judge.config(tmp_path)), "--out", str(out)] + FAST
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    tables = json.loads((out / "table1.json").read_text())["tables"]
+    title = "Table 1 - single-reference edits, 0-10 judge"
+    assert [t["title"] for t in tables] == [f"{title} toy (toy, score)", f"{title} loop (loop-vlm@127.0.0.1, score)"]
+    assert tables[0]["header"][:4] == ["Model", "SC", "PQ", "Overall"]
+    assert [r[0] for r in tables[0]["rows"]] == ["Native micro", "Dual-image fine-tuned (sft)"]
+    for row, name in zip(tables[0]["rows"], ("base", "finetuned")):
+        scores = [r["score"] for r in lines(out / name / "judge" / "toy-score" / "verdicts.jsonl")]
+        assert len(scores) == PER_TASK and all(r["semantic_consistency"] <= 10 for r in scores)
+        assert row[1:4] == pytest.approx([np.mean([s["semantic_consistency"] for s in scores]),
+                                          np.mean([s["perceptual_quality"] for s in scores]),
+                                          np.mean([math.sqrt(s["semantic_consistency"] * s["perceptual_quality"])
+                                                   for s in scores])])
+    assert [r[1:4] for r in tables[1]["rows"]] == [[7.0, 9.0, pytest.approx(math.sqrt(63))]] * 2
+    ids = [s["id"] for s in lines(out / "base" / "manifest.jsonl")]
+    assert ids == [f"single_edit-test-{i:05d}" for i in range(PER_TASK)]
+    assert not np.array_equal(pixels(out / "base" / "outputs" / f"{ids[0]}.png"),
+                              pixels(out / "finetuned" / "outputs" / f"{ids[0]}.png"))
+    assert "| Model | SC | PQ | Overall | judged | not scored |" in printed
+    assert "| Native micro |" in printed and "| Dual-image fine-tuned (sft) |" in printed
+    assert 'src="finetuned/outputs/' in (out / "report.html").read_text()
+
+
+def test_bad_requests_get_clear_errors(tmp_path, micro, world, capsys):
+    assert main(["--manifest", str(tmp_path / "none.jsonl"), "--model", str(micro)]) == 2
+    assert "cannot read the manifest" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(world.read_text().splitlines()[0] + "\n{not json\n")
+    assert main(["--manifest", str(bad), "--model", str(micro)]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert main(["--manifest", str(world), "--model", str(micro), "--split", "train"]) == 2
+    assert "has no train-split samples" in capsys.readouterr().err
+    assert main(["--manifest", str(world), "--model", str(micro), "--judge", "nobody"]) == 2
+    assert "unknown judge profile 'nobody'" in capsys.readouterr().err
+    assert main(["--single", "--generator", "comfyui", "--server", "http://127.0.0.1:9"]) == 2
+    assert "--single runs headless" in capsys.readouterr().err
+    assert main(["--manifest", str(world), "--model", str(micro), "--lora2", "x.safetensors"]) == 2
+    assert "pass --lora too" in capsys.readouterr().err
+    assert main(["--compare", str(tmp_path)]) == 2
+    assert "has no judged results" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""``python -m training.bench --generator comfyui`` against the real ComfyUI host (issue 7, item 3).
+
+The host runs the committed task workflow on tiny model files of the real formats (the same
+substitutions as tests/test_workflows.py: CLIP-L for the 4.7B T5-XXL, images kept at 64 px), so
+this checks the plumbing end to end: overrides, upload, queueing, download, per-sample seeds,
+errors reported per sample, and resuming without queueing finished samples again.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.bench import main
+from training.bench_generators import apply_overrides
+from training.bench_run import SEED_STRIDE, RunDir
+from training.toy.world import generate_world
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    generate_world(tmp_path / "world", seed=0, train=0, test=2, tasks=("animal_scene",), progress=False)
+    return tmp_path / "world" / "manifest.jsonl"
+
+
+def test_comfy_overrides_set_the_standard_nodes_and_bypass_the_lora():
+    from workflows.comfy_errors import WorkflowError
+    from workflows.fill import load_workflow
+
+    graph = load_workflow("animal_scene")
+    done = apply_overrides(graph, "animal_scene", model="other.safetensors", layout="offset", steps=3,
+                           sft_lora="mine.safetensors", ddpo_lora="aligned.safetensors")
+    by_type = {n["class_type"]: n["inputs"] for n in done.values()}
+    assert by_type["UNETLoader"]["unet_name"] == "other.safetensors"
+    assert by_type["DiagonalPositionPatch"]["method"] == "offset" and by_type["KSampler"]["steps"] == 3
+    assert (by_type["DualLoRAApply"]["sft_lora"], by_type["DualLoRAApply"]["ddpo_lora"]) == \
+        ("mine.safetensors", "aligned.safetensors")
+    assert graph == load_workflow("animal_scene")  # the input graph is left alone
+    bare = apply_overrides(graph, "animal_scene", sft_lora="none")
+    (lora_id,) = [i for i, n in graph.items() if n["class_type"] == "DualLoRAApply"]
+    (patch_id,) = [i for i, n in graph.items() if n["class_type"] == "DiagonalPositionPatch"]
+    assert lora_id not in bare
+    assert next(n for n in bare.values() if n["class_type"] == "KSampler")["inputs"]["model"] == [patch_id, 0]
+    with pytest.raises(WorkflowError, match="no FluxGuidance node"):
+        apply_overrides({"1": {"class_type": "KSampler", "inputs": {}}}, "mine.json", guidance=2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_host(comfy_host, tmp_path_factory):
+    """ComfyUI with tiny model files under the task workflows' names (as in test_workflows.py)."""
+    import tiny_comfy_models
+    from comfy_host import start_server
+    from workflows.task_graphs import SFT_LORA
+
+    base = tmp_path_factory.mktemp("bench-tiny-host")
+    models = base / "models"
+    fingerprint = tiny_comfy_models.write_kontext_models(models, "flux1-kontext-dev.safetensors",
+                                                         "clip_l.safetensors", "ae.safetensors")
+    tiny_comfy_models.write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
+    try:
+        with start_server(base=base) as server:
+            yield server
+    finally:
+        shutil.rmtree(models, ignore_errors=True)
+
+
+@pytest.mark.host
+def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tiny_host, manifest, capsys):
+    from workflows.fill import load_workflow
+
+    samples = [s for s in lines(manifest) if s["task"] == "animal_scene"]
+    (manifest.parent / samples[1]["images"][1]).unlink()  # this job fails before any upload
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    graph = load_workflow("animal_scene")  # the tiny-model substitutions of test_workflows.py
+    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
+    graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
+                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
+    next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
+    (workflows / "animal_scene.json").write_text(json.dumps(graph))
+    out = tmp_path / "run"
+    argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
+            str(manifest), "--tasks", "animal_scene", "--steps", "2", "--layout", "offset", "--seed", "5",
+            "--out", str(out), "--timeout", "600", "-q"]
+    # The workflow's SFT LoRA was trained with the diagonal layout: the host's DualLoRAApply refuses.
+    assert main(argv) == 0
+    assert "outputs: 0 generated, 0 reused, 2 generator errors" in capsys.readouterr().out
+    errors = json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["generator_errors"]
+    assert "trained with the 'diagonal' layout but the model is patched with 'offset'" in errors[samples[0]["id"]]
+    assert json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["overall"]["n_judged"] == 0
+
+    argv += ["--lora", "none"]  # the base model with the offset layout: DualLoRAApply taken out
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "outputs: 1 generated, 0 reused, 1 generator errors" in printed
+    good = out / "outputs" / f"{samples[0]['id']}.png"
+    with Image.open(good) as im:
+        assert im.size == (64, 64)
+        queued = json.loads(im.info["prompt"])  # what ComfyUI ran, embedded by SaveImage
+    by_type = {n["class_type"]: n["inputs"] for n in queued.values()}
+    assert by_type["KSampler"]["seed"] == 5 * SEED_STRIDE and by_type["KSampler"]["steps"] == 2
+    assert by_type["DiagonalPositionPatch"]["method"] == "offset" and "DualLoRAApply" not in by_type
+    assert next(n for n in queued.values() if n["_meta"]["title"] == "instruction")["inputs"]["value"] == \
+        samples[0]["instruction"]
+    errors = json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["generator_errors"]
+    assert list(errors) == [samples[1]["id"]] and "input image not found" in errors[samples[1]["id"]]
+    verdicts = RunDir(out).verdicts("toy-binary")  # the latest record per sample
+    assert {i: v["status"] for i, v in verdicts.items()} == {samples[0]["id"]: "judged", samples[1]["id"]: "missing"}
+    assert list((out).glob("judge.stale-*")), "the verdicts of the first settings were not moved aside"
+
+    stamp = good.stat().st_mtime_ns
+    jobs = len(lines(out / "comfy" / "results.jsonl"))
+    assert main(argv) == 0  # resumed: the finished sample is not queued again, the failed one is retried
+    assert good.stat().st_mtime_ns == stamp
+    assert [r["id"] for r in lines(out / "comfy" / "results.jsonl")[jobs:]] == [samples[1]["id"]]
+    assert "outputs: 0 generated, 1 reused, 1 generator errors" in capsys.readouterr().out

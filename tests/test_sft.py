@@ -1,0 +1,188 @@
+"""The trainer (issue 4 parts 3 and 6): learning, exact mid-epoch resume, gates, full mode, CLI, sampling.
+
+Runs a micro Kontext (toy architecture, random weights) on a small DualShapes world for seconds.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sft_helpers import micro_model, micro_world, sft_config, write_lines
+from training.checkpoint import list_checkpoints
+from training.trainer import train
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return micro_model(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    # 16 training samples = 4 batches of 4 per epoch; 4 held out
+    return micro_world(tmp_path_factory.mktemp("world"), tasks=("animal_scene",), train=16, test=4)
+
+
+def _metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_sft_lowers_held_out_loss_and_writes_a_dualref_lora(micro, world, tmp_path):
+    from training.lora_io import load_lora
+    from training.models import load_kontext
+
+    cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 16}, run={"val_every": 8})
+    result = train(cfg)
+    rows = _metrics(tmp_path / "run")
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [0, 8, 16]
+    assert val[16] < 0.97 * val[0], val  # held-out loss falls by more than 3 %
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert all({"lr", "grad_norm", "step_time", "data_time", "samples_per_s"} <= set(r) for r in steps)
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    state, meta = load_lora(result.lora_path)
+    assert meta.layout == "diagonal" and meta.stage == "sft" and meta.rank == 4 and meta.gates is None
+    assert meta.base_fingerprint == load_kontext(micro).base_fingerprint()
+    assert meta.train["steps"] == 16 and meta.train["batch_size"] == 4
+    assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.lora_A") for k in state)
+    assert (tmp_path / "run" / "val" / "step_0000016.png").is_file()
+    assert (tmp_path / "run" / "val" / "step_0000000.png").is_file()
+
+
+def test_resume_mid_epoch_gives_the_same_weights(micro, world, tmp_path):
+    sections = {"train": {"max_steps": 7}, "run": {"checkpoint_every": 3, "val_at_start": False}}
+    straight = train(sft_config(micro, world, tmp_path / "a", **sections))
+
+    def interrupt(step):
+        if step == 5:  # epoch 1, after its first batch: mid-epoch
+            raise KeyboardInterrupt
+
+    cfg = sft_config(micro, world, tmp_path / "b", **sections)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=interrupt)
+    saved = [p.name for p in list_checkpoints(tmp_path / "b")]
+    assert saved == ["step_0000003", "step_0000005"]  # the interrupt saved where it stopped
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step_0000005" / "state.json").read_text())
+    assert (state["epoch"], state["position"]) == (1, 1)
+    resumed = train(cfg, resume=True)
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = lambda run: [(r["step"], r["loss"]) for r in _metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_learned_gates_match_dual_rope_strengths_and_are_saved(micro, world, tmp_path):
+    from dual_rope.diffusers_adapter import dual_reference_forward, prepare_references
+    from training.flow import FlowMatchingModel
+    from training.lora_io import load_lora
+    from training.models import load_kontext
+
+    transformer = load_kontext(micro).transformer
+    model = FlowMatchingModel(transformer, "diagonal", 1.0, learn_gates=True)
+    gates = [0.5, 2.0]
+    with torch.no_grad():
+        model.log_gates.copy_(torch.tensor([math.log(g) for g in gates]))
+    g = torch.Generator().manual_seed(0)
+    x, r1, r2 = (torch.randn(2, 16, 8, 8, generator=g) for _ in range(3))
+    text, pooled, sigma = torch.randn(2, 48, 64, generator=g), torch.randn(2, 64, generator=g), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        ours = model.velocity(x, [r1, r2], text, pooled, sigma)
+        theirs = dual_reference_forward(transformer, x, prepare_references((8, 8), [r1, r2], "diagonal", gates),
+                                        text, pooled, sigma, torch.ones(2))
+    assert torch.equal(ours, theirs)  # the learnable bias is DESIGN contract 3's, bit for bit
+
+    cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 3},
+                     lora={"learn_gates": True, "gate_lr": 0.05}, run={"val_at_start": False})
+    result = train(cfg)
+    _, meta = load_lora(result.lora_path)
+    assert meta.gates is not None and len(meta.gates) == 2
+    assert all(g > 0 for g in meta.gates) and meta.gates != (1.0, 1.0)
+
+
+def test_full_mode_trains_every_weight(micro, world, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 2, "mode": "full"},
+                     optim={"lr": 1e-3}, run={"val_at_start": False, "val_samples": 0})
+    result = train(cfg)
+    assert result.lora_path is None
+    before = FluxTransformer2DModel.from_pretrained(str(micro / "transformer"))
+    after = FluxTransformer2DModel.from_pretrained(str(result.transformer_dir))
+    changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
+    assert sum(changed) / len(changed) > 0.9
+
+
+def test_cli_trains_and_names_bad_input(micro, world, tmp_path):
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"model": {"path": str(micro)}, "data": {"manifest": str(world), "batch_size": 4},
+                                  "lora": {"rank": 4}, "run": {"out_dir": str(tmp_path / "run"), "val_samples": 0}}))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "training.sft", "--config", str(config), "--quiet", *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    done = run("--max-steps", "2", "--set", "run.val_at_start=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lora.safetensors" in done.stdout and (tmp_path / "run" / "lora.safetensors").is_file()
+    bad_key = run("--set", "optim.learning_rate=1")
+    assert bad_key.returncode == 2 and "unknown config key 'optim.learning_rate'" in bad_key.stderr
+    lines = world.read_text().splitlines()
+    broken = write_lines(tmp_path / "broken.jsonl", [lines[0].replace('"images/', f'"{world.parent}/images/'),
+                                                     "{not json"])
+    bad_data = run("--set", f"data.manifest={broken}")
+    assert bad_data.returncode == 2 and "line 2: not valid JSON" in bad_data.stderr
+
+
+def test_sample_split_returns_outputs_in_manifest_order(micro, world, tmp_path):
+    from training.evaluate import sample_split
+    from training.models import load_kontext
+
+    cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 2}, optim={"lr": 0.05},
+                     run={"val_at_start": False, "val_samples": 0})
+    lora = train(cfg).lora_path
+    bundle = load_kontext(micro)
+    base = sample_split(bundle, world, split="test", steps=2, progress=False)
+    tuned = sample_split(bundle, world, split="test", lora=lora, steps=2, progress=False)
+    again = sample_split(bundle, world, split="test", steps=2, progress=False)  # the LoRA is unloaded again
+    assert [o.sample.id for o in base] == [f"animal_scene-test-{i:05d}" for i in range(4)]
+    assert base[0].image.shape == (64, 64, 3) and base[0].image.dtype.name == "uint8"
+    assert all((a.image == c.image).all() for a, c in zip(base, again))
+    assert any((a.image != b.image).any() for a, b in zip(base, tuned))
+    request = tuned[0].judge_request()
+    assert request.task == "animal_scene" and request.plan is not None and request.reference2 is not None
+
+
+def test_config_files_overrides_and_errors(tmp_path):
+    from training.config import ConfigError, load_config
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model:\n  path: toy\ndata:\n  manifest: m.jsonl\n  batch_size: 8\nlora:\n  rank: 16\n")
+    cfg = load_config(yaml_file, ["optim.lr=1e-4", "train.layout=offset", "lora.target_modules=[\"attn.to_q\"]"])
+    assert (cfg.data.batch_size, cfg.lora.rank, cfg.optim.lr, cfg.train.layout) == (8, 16, 1e-4, "offset")
+    assert cfg.lora.target_modules == ["attn.to_q"] and cfg.validate() is cfg
+    defaults = load_config(None, ["data.manifest=m.jsonl", "model.path=x"])
+    assert (defaults.lora.rank, defaults.optim.lr) == (512, 5e-5)  # the paper's LoRA setting
+    with pytest.raises(ConfigError, match="unknown config key 'lora.ranks'"):
+        load_config(yaml_file, ["lora.ranks=4"])
+    with pytest.raises(ConfigError, match="train.layout='diag' is not allowed"):
+        load_config(yaml_file, ["train.layout=diag"]).validate()
+    with pytest.raises(ConfigError, match="data.manifest is required"):
+        load_config(None, ["model.path=x"]).validate()
+
+
+def test_bf16_with_gradient_checkpointing_trains(micro, world, tmp_path):
+    from training.lora_io import load_lora
+
+    cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 2, "precision": "bf16",
+                                                             "gradient_checkpointing": True},
+                     run={"val_at_start": False, "val_samples": 0})
+    result = train(cfg)
+    assert math.isfinite(result.loss)
+    state, meta = load_lora(result.lora_path)
+    assert meta.train["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for k, v in state.items() if "lora_" in k)  # trained in fp32 over bf16
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_B" in k)

@@ -1,0 +1,222 @@
+"""Training configuration: dataclasses, loaded from JSON or YAML, with ``--set a.b=value`` overrides.
+
+One place for every knob of ``python -m training.sft`` (and of the toy base's pretraining, which is
+the same trainer in ``full`` mode). Unknown keys are errors that name the key, so a typo never
+trains silently with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Diffusers/peft module names of a Flux block that ComfyUI's LoRA loader maps too: attention
+# projections of both streams, the MLPs, and the single blocks' fused MLP/out projections.
+DEFAULT_TARGET_MODULES = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp", "proj_out",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, naming the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # A diffusers folder (model_index.json), or "toy" for the cached tiny base (training.models.toy_base).
+    path: str | None = None
+    # ComfyUI-style single files, used when ``path`` is not given.
+    transformer: str | None = None
+    vae: str | None = None
+    clip_l: str | None = None
+    t5: str | None = None
+    tokenizers: str | None = None  # folder with the CLIP and T5 tokenizers (see training.models)
+    toy_cache_dir: str | None = None  # where "toy" builds/keeps the tiny base
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""
+    cache_dir: str | None = None  # default: <manifest folder>/.cache
+    tasks: list[str] | None = None  # None: every task in the manifest
+    split: str = "train"
+    val_split: str = "test"
+    skip_bad: bool = False
+    max_pixels: int = 512 * 512  # images larger than this area are scaled down, aspect ratio kept
+    batch_size: int = 1  # global: split evenly over the processes
+    preload: bool = True  # keep cached latents in memory (small data); False reads them per batch
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 512  # the paper's setting (Sec. 4.1)
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    learn_gates: bool = False  # learn one strength per reference (saved in the LoRA metadata)
+    gate_lr: float | None = None  # None: the optimizer's lr
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5  # the paper's setting
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "lora"  # lora | full (full: every transformer weight, e.g. the toy base's pretraining)
+    max_steps: int = 1000
+    precision: str = "fp32"  # fp32 | bf16 (bf16: frozen base in bf16, trainable weights fp32, autocast)
+    gradient_checkpointing: bool = False
+    distributed: str = "ddp"  # ddp | fsdp (fsdp: for full-model training across GPUs)
+    seed: int = 0
+    layout: str = "diagonal"  # dual_rope method: diagonal | offset | index | uxo
+    guidance: float | None = None  # None: the model's default (dualref.json train.guidance)
+    sigma_sampling: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigma_shift: float = 1.0  # SD3-style shift applied to sampled sigmas (1: none)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/sft"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    val_every: int = 200  # 0: only at the end
+    val_at_start: bool = True  # validate the untrained model first (the baseline), unless resuming
+    val_samples: int = 4  # held-out samples drawn in the PNG grid
+    val_loss_samples: int = 32  # held-out samples in the (deterministic) validation loss
+    val_steps: int | None = None  # Euler steps; None: the model's default
+    progress: bool = True
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "SFTConfig":
+        from dual_rope import METHODS
+
+        choices = {
+            "train.mode": ("lora", "full"), "train.precision": ("fp32", "bf16"),
+            "train.distributed": ("ddp", "fsdp"), "train.layout": METHODS,
+            "train.sigma_sampling": ("logit_normal", "uniform"), "optim.schedule": ("constant", "cosine"),
+        }
+        for key, allowed in choices.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(allowed)}")
+        positive = {"train.max_steps": self.train.max_steps, "data.batch_size": self.data.batch_size,
+                    "lora.rank": self.lora.rank, "optim.lr": self.optim.lr, "data.max_pixels": self.data.max_pixels}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        if not self.data.manifest:
+            raise ConfigError("data.manifest is required: the JSONL manifest to train on")
+        if not (self.model.path or self.model.transformer):
+            raise ConfigError("model.path (a diffusers folder, or 'toy') or model.transformer (a single "
+                              "file, with model.vae / clip_l / t5) is required")
+        return self
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key.startswith("_"):  # "_comment" and the like: notes for people
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown config key {name!r}; known here: {', '.join(sorted(known))}")
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING \
+            else known[key].default
+        kwargs[key] = _build(type(default), value, f"{name}.") if dataclasses.is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> SFTConfig:
+    return _build(SFTConfig, values, "")
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    return values
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); values are JSON, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides) -> dict:
+    values = json.loads(json.dumps(values))  # deep copy of plain data
+    for text in overrides or ():
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path=None, overrides=(), base: dict | None = None) -> SFTConfig:
+    """Defaults <- ``base`` <- the file at ``path`` <- ``overrides`` (``section.key=value`` strings)."""
+    values = json.loads(json.dumps(base or {}))
+    if path is not None:
+        _merge(values, read_config_file(path))
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value

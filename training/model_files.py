@@ -1,0 +1,243 @@
+"""Checking and loading model weight files: what a safetensors file holds, and ComfyUI single files.
+
+Every failure names the file, says what is wrong and how to fix it: a truncated download, a
+pickle checkpoint, a VAE given where the transformer belongs, a scaled-fp8 text encoder.
+Loading uses diffusers' own single-file conversion (BFL -> diffusers key names) with the
+config folders the pack ships, and transformers' own ``from_pretrained``; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_REFETCH = "download or copy the file again (compare its size with the source)"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# Prefixes that checkpoints bundle components under (ComfyUI / LDM full checkpoints).
+_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "vae.", "text_encoders.clip_l.transformer.",
+             "text_encoders.t5xxl.transformer.", "cond_stage_model.transformer.")
+KINDS = {
+    "flux_bfl": "a FLUX.1 transformer in BFL format (like flux1-kontext-dev.safetensors)",
+    "flux_diffusers": "a FLUX.1 transformer in diffusers format",
+    "vae_ldm": "a VAE in BFL/LDM format (like ae.safetensors)",
+    "vae_diffusers": "a VAE in diffusers format",
+    "clip": "a CLIP text encoder (like clip_l.safetensors)",
+    "t5": "a T5 text encoder (like t5xxl_fp16.safetensors)",
+    "lora": "a LoRA",
+    "unknown": "not a model this loader knows",
+}
+# What to pass a file of each kind as.
+_WHERE = {"flux_bfl": "model.transformer", "flux_diffusers": "model.transformer", "vae_ldm": "model.vae",
+          "vae_diffusers": "model.vae", "clip": "model.clip_l", "t5": "model.t5",
+          "lora": "a LoRA loader (not the model)", "unknown": "nothing here"}
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: names the file, the reason and the fix."""
+
+    def __init__(self, path, reason: str, fix: str):
+        super().__init__(f"{path}: {reason}. Fix: {fix}")
+        self.path, self.reason, self.fix = str(path), reason, fix
+
+
+def read_header(path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file, checked for truncation and corruption."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(path, "no such file", "check the path")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelFileError(path, "pickle checkpoints are not loaded (they can run code)",
+                             "use the .safetensors release of this model")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelFileError(path, f"only {size} bytes: not a safetensors file", _REFETCH)
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 200 << 20):
+            raise ModelFileError(path, "not a safetensors file, or its header is cut off", _REFETCH)
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise ModelFileError(path, "its safetensors header is not valid JSON (corrupt file)", _REFETCH) from None
+    if not isinstance(header, dict):
+        raise ModelFileError(path, "its safetensors header is not a JSON object (corrupt file)", _REFETCH)
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            lo, hi = (int(x) for x in entry["data_offsets"])
+            count = 1
+            for d in entry["shape"]:
+                count *= int(d)
+            item = _DTYPE_BYTES.get(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(path, f"tensor {name!r} has a malformed header entry (corrupt file)", _REFETCH) from None
+        if hi < lo or (item is not None and hi - lo != count * item):
+            raise ModelFileError(path, f"tensor {name!r} has inconsistent offsets (corrupt file)", _REFETCH)
+        end = max(end, hi)
+    if 8 + length + end > size:
+        raise ModelFileError(path, f"truncated: its header needs {8 + length + end} bytes, the file has {size}",
+                             _REFETCH)
+    return header
+
+
+def strip_prefix(keys) -> tuple[str, list[str]]:
+    keys = list(keys)
+    for prefix in _PREFIXES:
+        if keys and sum(k.startswith(prefix) for k in keys) > len(keys) // 2:
+            return prefix, [k[len(prefix):] if k.startswith(prefix) else k for k in keys]
+    return "", keys
+
+
+def classify_keys(keys) -> str:
+    """One of :data:`KINDS` from the tensor names alone."""
+    _, keys = strip_prefix(keys)
+    names = set(keys)
+    if any(".lora_A." in k or ".lora_down." in k or k.endswith(".lora_A.weight") for k in keys):
+        return "lora"
+    if any(k.startswith("double_blocks.") for k in keys):
+        return "flux_bfl"
+    if "x_embedder.weight" in names and any(k.startswith("transformer_blocks.") for k in keys):
+        return "flux_diffusers"
+    if "encoder.conv_in.weight" in names and "decoder.conv_in.weight" in names:
+        return "vae_diffusers" if any(k.startswith("encoder.down_blocks.") for k in keys) else "vae_ldm"
+    if any(k.startswith("text_model.") for k in keys) or (  # transformers >= 5 saves CLIP unprefixed
+            "embeddings.token_embedding.weight" in names and any(k.startswith("encoder.layers.") for k in keys)):
+        return "clip"
+    if "shared.weight" in names or any(k.startswith("encoder.block.") for k in keys):
+        return "t5"
+    return "unknown"
+
+
+def check_kind(path, expected: tuple[str, ...], role: str) -> tuple[str, dict]:
+    """Classify the file at ``path``; a wrong kind raises naming what it is and where it goes."""
+    header = read_header(path)
+    kind = classify_keys(header)
+    if kind not in expected:
+        raise ModelFileError(
+            path, f"given as the {role}, but it is {KINDS[kind]}",
+            f"pass the {role} file here" + ("" if kind == "unknown" else f", and this file as {_WHERE[kind]}"))
+    return kind, header
+
+
+def file_fingerprint(paths, full_below: int = 256 << 20) -> str:
+    """Content hash of weight files: all bytes of small files; header + 64 spread 1 MiB chunks of large ones.
+
+    The same weights in the same files give the same value on every machine; it keys the latent and
+    text-embedding cache, so a changed VAE or text encoder never reuses stale entries.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}\n".encode())
+        with open(path, "rb") as fh:
+            if size <= full_below:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+                continue
+            (length,) = struct.unpack("<Q", fh.read(8))
+            digest.update(fh.read(length))
+            for k in range(64):
+                fh.seek(8 + length + (size - 8 - length - (1 << 20)) * k // 63)
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:20]
+
+
+def load_transformer_file(path, config_root, dtype=torch.float32):
+    """A ``FluxTransformer2DModel`` from one BFL- or diffusers-format file, with ``config_root/transformer``."""
+    from diffusers import FluxTransformer2DModel
+
+    kind, header = check_kind(path, ("flux_bfl", "flux_diffusers"), "transformer")
+    config = FluxTransformer2DModel.load_config(str(Path(config_root) / "transformer"))
+    _, keys = strip_prefix(header)
+    if kind == "flux_bfl":
+        width = header[[k for k in header if k.endswith("img_in.weight")][0]]["shape"][0]
+        want = config["num_attention_heads"] * config["attention_head_dim"]
+        if width != want or width != 3072:  # diffusers' BFL converter assumes FLUX.1's width 3072
+            raise ModelFileError(path, f"a FLUX transformer of width {width}, the config expects {want} "
+                                 "(diffusers converts only FLUX.1's width 3072)",
+                                 "pass a FLUX.1 Kontext-dev transformer, or its diffusers folder as model.path")
+        try:
+            return FluxTransformer2DModel.from_single_file(
+                str(path), config=str(config_root), subfolder="transformer", local_files_only=True,
+                torch_dtype=dtype)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ModelFileError(path, f"its tensors do not fit the FLUX.1 Kontext config ({e})",
+                                 "pass flux1-kontext-dev.safetensors (or the matching config folder)") from e
+    return _load_diffusers_state(FluxTransformer2DModel, config, path, dtype)
+
+
+def load_vae_file(path, config_root, dtype=torch.float32):
+    """An ``AutoencoderKL`` from ``ae.safetensors`` (BFL/LDM keys) or a diffusers-format file."""
+    from diffusers import AutoencoderKL
+
+    kind, _ = check_kind(path, ("vae_ldm", "vae_diffusers"), "VAE")
+    if kind == "vae_ldm":
+        try:
+            return AutoencoderKL.from_single_file(str(path), config=str(config_root), subfolder="vae",
+                                                  local_files_only=True, torch_dtype=dtype)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ModelFileError(path, f"its tensors do not fit the FLUX VAE config ({e})",
+                                 "pass FLUX's ae.safetensors") from e
+    return _load_diffusers_state(AutoencoderKL, AutoencoderKL.load_config(str(Path(config_root) / "vae")), path, dtype)
+
+
+def _load_diffusers_state(cls, config, path, dtype):
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    prefix, keys = strip_prefix(state)
+    state = {k: state[(prefix + k) if prefix and (prefix + k) in state else k] for k in keys}
+    model = cls.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelFileError(path, f"its tensors do not fit the config (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]})", "pass the file that belongs to this config")
+    return model.to(dtype)
+
+
+def load_text_encoder_file(path, config_dir, kind: str, dtype=torch.float32):
+    """``CLIPTextModel`` (kind "clip") or ``T5EncoderModel`` (kind "t5") from a ComfyUI single file.
+
+    The file is linked into a temporary folder beside ``config.json`` and read by transformers'
+    ``from_pretrained``, so tied weights, buffers and dtype casts follow its rules.
+    """
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    role = {"clip": "CLIP-L text encoder", "t5": "T5-XXL text encoder"}[kind]
+    _, header = check_kind(path, (kind,), role)
+    if any(k.endswith("scale_weight") or k.endswith("scaled_fp8") for k in header):
+        raise ModelFileError(path, "a scaled-fp8 checkpoint, which transformers cannot load",
+                             "use t5xxl_fp16.safetensors (or an unscaled fp8_e4m3fn file)")
+    prefix, _ = strip_prefix(header)
+    if prefix:
+        raise ModelFileError(path, f"its tensors sit under {prefix!r} (a bundled checkpoint)",
+                             "pass the stand-alone text encoder file")
+    cls = CLIPTextModel if kind == "clip" else T5EncoderModel
+    with tempfile.TemporaryDirectory(prefix="dualref-te-") as tmp:
+        (Path(tmp) / "config.json").write_bytes((Path(config_dir) / "config.json").read_bytes())
+        os.symlink(Path(path).resolve(), Path(tmp) / "model.safetensors")
+        try:
+            model, info = cls.from_pretrained(tmp, local_files_only=True, torch_dtype=dtype, use_safetensors=True,
+                                              output_loading_info=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ModelFileError(path, f"transformers could not load it as the {role} ({e})",
+                                 f"pass the {role} file that matches {config_dir}") from e
+    allowed = {"encoder.embed_tokens.weight", "text_model.embeddings.position_ids"}
+    missing = [k for k in info.get("missing_keys", []) if k not in allowed]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise ModelFileError(path, f"it lacks or mis-sizes tensors of the {role} (missing {missing[:3]}, "
+                             f"mismatched {[m[0] if isinstance(m, tuple) else m for m in mismatched][:3]})",
+                             f"pass the {role} file that matches {config_dir}")
+    return model.to(dtype)
