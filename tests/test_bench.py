@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -167,7 +168,9 @@ def test_a_killed_run_resumes_without_redoing_outputs_or_verdicts(tmp_path, micr
     argv = ["--manifest", str(world), "--model", str(micro), "--limit-per-task", "3", "--batch-size", "1",
             "--out", str(out), "--cache-dir", str(tmp_path / "cache")] + FAST
     total = 5 * min(3, PER_TASK)
-    proc = subprocess.Popen([sys.executable, "-m", "training.bench", *argv], cwd=tmp_path,
+    # The run starts in tmp_path; PYTHONPATH finds this checkout whatever the installed copy points at.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "training.bench", *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
