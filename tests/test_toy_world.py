@@ -15,7 +15,7 @@ from training.manifest import SINGLE_TASKS, TASKS, parse_line
 from training.toy import scene as toy_scene
 from training.toy.tasks import CONTRAST
 from training.toy.templates import vocabulary
-from training.toy.world import ALL_TASKS, generate_world, make_sample
+from training.toy.world import ALL_TASKS, WORLD_VERSION, generate_world, make_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_command_line_writes_a_world(tmp_path):
                           "--train", "2", "--test", "1", "--tasks", "animal_scene", "single_edit"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "DualShapes v1: 6 samples" in run.stdout
+    assert f"DualShapes v{WORLD_VERSION}: 6 samples" in run.stdout
     lines = (tmp_path / "w" / "manifest.jsonl").read_text().splitlines()
     assert {parse_line(line).task for line in lines} == {"animal_scene", "single_edit"}
     bad = subprocess.run([sys.executable, "-m", "training.toy.world", "--out", str(tmp_path / "x"), "--tasks", "dog"],

@@ -87,6 +87,10 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     sigma_shift: float = 1.0  # SD3-style shift applied to sampled sigmas (1: none)
+    # Optional: tokens that differ from reference 1 count 1 + edit_weight times in the loss (0: off, the
+    # plain flow-matching loss, as for real Kontext). Helps a small model learn sparse edits sooner.
+    edit_weight: float = 0.0
+    edit_threshold: float = 0.5  # latent difference (normalised units) above which a token counts as edited
 
 
 @dataclass

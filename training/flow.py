@@ -88,8 +88,33 @@ class FlowMatchingModel(nn.Module):
             return dual_reference_forward(self.transformer, latents, sequence, prompt_embeds, pooled,
                                           sigma.to(latents.dtype), guidance, joint_attention_kwargs=kwargs)
 
-    def forward(self, target, refs, prompt_embeds, pooled, sigma, noise) -> torch.Tensor:
+    def forward(self, target, refs, prompt_embeds, pooled, sigma, noise, weights=None) -> torch.Tensor:
+        """Per-sample loss: the mean squared velocity error, or its ``weights``-weighted mean
+        (``weights``: (B, 1, H, W) per latent pixel, e.g. :func:`edit_weights`)."""
         s = sigma.view(-1, 1, 1, 1).to(target.dtype)
         noisy = (1 - s) * target + s * noise
         prediction = self.velocity(noisy, refs, prompt_embeds, pooled, sigma)
-        return (prediction.float() - (noise - target).float()).pow(2).mean(dim=(1, 2, 3))
+        error = (prediction.float() - (noise - target).float()).pow(2)
+        if weights is None:
+            return error.mean(dim=(1, 2, 3))
+        error, weights = error.mean(dim=1, keepdim=True), weights.to(error)
+        return (error * weights).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+
+
+def edit_weights(target: torch.Tensor, reference: torch.Tensor, weight: float, threshold: float) -> torch.Tensor | None:
+    """Loss weights (B, 1, H, W) that count the tokens an edit changes ``1 + weight`` times.
+
+    A token (a 2x2 latent patch, what the transformer sees) is *changed* where any latent channel
+    differs from reference 1 at the same place by more than ``threshold`` (normalised latent units).
+    Most of an edit's target is a copy of reference 1, so a plain mean lets the copy dominate the
+    loss long after it is learned; weighting the changed tokens makes the model learn the edit
+    itself sooner (toy base, 800 steps: single_edit fidelity 0.094 at weight 1, 0.141 at 3, but the
+    copy suffers at 3; docs/toy_tables.md). Returns None (plain mean)
+    when reference 1's latent has another shape than the target's, where no token lines up.
+    """
+    if weight <= 0 or reference.shape != target.shape:
+        return None
+    diff = (target.float() - reference.float()).abs().amax(dim=1, keepdim=True)
+    changed = torch.nn.functional.max_pool2d(diff, 2, ceil_mode=True) > threshold  # per token
+    changed = changed.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)[..., :target.shape[2], :target.shape[3]]
+    return 1.0 + weight * changed.float()

@@ -4,6 +4,8 @@ real one. Nothing is downloaded.
 
 - transformer: diffusers ``FluxTransformer2DModel`` with Kontext's guidance embedding (~1.9M params).
 - VAE: diffusers ``AutoencoderKL``, 16 latent channels, 4x downsampling (64 px -> 16x16 -> 64 tokens),
+  channels [16, 32, 32] (~0.24M params: the world's 2x2-block pictures need no more, and it trains
+  ~2x faster per step than [32, 64, 64]),
   trained here on toy images (:func:`train_vae`), then given Flux-style ``shift_factor`` /
   ``scaling_factor`` measured on its latents (unit variance, zero mean), as FLUX's VAE has.
   Its GroupNorms have one group: per-sample normalisation over all channels keeps absolute colour

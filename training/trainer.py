@@ -23,7 +23,7 @@ from .checkpoint import TrainState, find_checkpoint, list_checkpoints, load_chec
     save_checkpoint, save_sharded_checkpoint
 from .config import ConfigError, SFTConfig
 from .data import BucketBatches, load_manifest
-from .flow import FlowMatchingModel, draw_sigmas_and_noise
+from .flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
 from .validation import sampler_config, validation_grid, validation_loss
 
 log = logging.getLogger(__name__)
@@ -239,8 +239,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
                                                  cfg.train.logit_std, cfg.train.sigma_shift)
             refs = [r.to(device) for r in batch.refs]
             data_time = time.perf_counter() - start
+            weights = edit_weights(target, refs[0], cfg.train.edit_weight, cfg.train.edit_threshold)
             losses = wrapped(target, refs, batch.prompt_embeds.to(device), batch.pooled.to(device),
-                             sigma.to(device), noise.to(device))
+                             sigma.to(device), noise.to(device), weights)
             loss = losses.mean()
             accelerator.backward(loss)
             if cfg.optim.grad_clip > 0:

@@ -2,8 +2,12 @@
 
 A *scene* is ``{"size": [H, W], "background": {...}, "elements": [...]}``. The generator writes
 scenes into each sample's plan; the toy judge re-renders them to know exactly what belongs where.
-Rendering samples every pixel at its centre (no anti-aliasing), so an exact target holds only
-palette colours and gradient rows, and the same scene always gives the same bytes.
+Rendering samples the centre of every ``CELL`` x ``CELL`` block of pixels (no anti-aliasing), so an
+exact target holds only palette colours and gradient rows, is made of 2x2 blocks (gradients aside), and the same
+scene always gives the same bytes. The blocks are the world's "coarse rendering": with the tiny
+VAE's 4x downsampling each latent cell covers 2x2 blocks (12 numbers for 16 channels), which the
+VAE learns to reconstruct crisply in a fraction of the steps that per-pixel detail (thin texture
+bands at arbitrary offsets) needed; textures are laid out in blocks too.
 
 Backgrounds: ``{"kind": "flat", "colour"}``, ``{"kind": "gradient", "top", "bottom"}``,
 ``{"kind": "horizon", "sky", "ground", "level"}`` (``level``: the horizon row as a fraction of H).
@@ -42,7 +46,8 @@ FIGURE_SCALES = {"small": 0.42, "medium": 0.56, "large": 0.72}  # height as a fr
 FIGURE_COLUMNS = {"left": 0.2, "center": 0.5, "right": 0.8}  # x centre as a fraction of W
 GROUND = 0.94  # feet row as a fraction of H
 PART_IDS = {"shape": 0, "legs": 1, "garment": 2, "arms": 3, "head": 4}
-TEXTURE_PERIOD = 6  # stripes/checks: 3-pixel bands; dots: 3x3 squares on a 6-pixel grid
+CELL = 2  # pixels per side of a rendered block (see the module docstring)
+TEXTURE_PERIOD = 4  # in blocks: stripes/checks in 2-block (4 px) bands; dots: 2x2 blocks on a 4-block grid
 
 
 def rgb(name: str) -> np.ndarray:
@@ -86,8 +91,8 @@ def figure_box(scale: str, x_frac: float, h: int, w: int, max_width: float = 1.0
 @functools.lru_cache(maxsize=8)
 def _grid(h: int, w: int):
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    xs += 0.5
-    ys += 0.5
+    xs = np.floor(xs / CELL) * CELL + CELL / 2  # every pixel of a block samples the block's centre
+    ys = np.floor(ys / CELL) * CELL + CELL / 2
     xs.setflags(write=False)
     ys.setflags(write=False)
     return xs, ys
@@ -141,7 +146,9 @@ def figure_parts(element: dict, xs, ys) -> list[tuple[str, np.ndarray]]:
 def texture_mask(texture: str, box, xs, ys) -> np.ndarray:
     """Where a texture's second colour goes, anchored at the element's box so it moves with it."""
     period, half = TEXTURE_PERIOD, TEXTURE_PERIOD // 2
-    lx, ly = np.floor(xs - box[0]).astype(np.int32), np.floor(ys - box[1]).astype(np.int32)
+    # In blocks from the box's first block, so a texture moves with its element.
+    lx = (np.floor(xs / CELL) - box[0] // CELL).astype(np.int32)
+    ly = (np.floor(ys / CELL) - box[1] // CELL).astype(np.int32)
     if texture == "solid":
         return np.zeros(xs.shape, bool)
     if texture == "stripes":
@@ -149,7 +156,7 @@ def texture_mask(texture: str, box, xs, ys) -> np.ndarray:
     if texture == "checks":
         return ((lx // half) + (ly // half)) % 2 == 1
     if texture == "dots":
-        return ((lx % period) >= 2) & ((lx % period) < 5) & ((ly % period) >= 2) & ((ly % period) < 5)
+        return ((lx % period) >= 1) & ((lx % period) < 1 + half) & ((ly % period) >= 1) & ((ly % period) < 1 + half)
     raise ValueError(f"unknown texture {texture!r}; use one of {', '.join(TEXTURES)}")
 
 
@@ -180,10 +187,12 @@ def render_background(background: dict, h: int, w: int) -> np.ndarray:
     if kind == "flat":
         image[:] = rgb(background["colour"])
     elif kind == "gradient":
+        # Per pixel row, not per block: a smooth ramp costs the VAE nothing, and 2-row steps would
+        # read as banding once a picture is resized.
         t = ((np.arange(h, dtype=np.float32) + 0.5) / h)[:, None, None]
         image[:] = (1 - t) * rgb(background["top"]) + t * rgb(background["bottom"])
     elif kind == "horizon":
-        level = round(background["level"] * h)
+        level = round(background["level"] * h / CELL) * CELL
         image[:level] = rgb(background["sky"])
         image[level:] = rgb(background["ground"])
     else:

@@ -28,7 +28,7 @@ from .templates import vocabulary
 log = logging.getLogger(__name__)
 
 WORLD_NAME = "DualShapes"
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: block rendering (scene.CELL)
 ALL_TASKS = TASKS + SINGLE_TASKS
 _BUILDERS = {**BUILDERS, "single_edit": single_edit}
 _SPLIT_CODE = {"train": 0, "test": 1}
