@@ -52,3 +52,16 @@ def sft_config(model: Path, manifest: Path, out: Path, **sections) -> SFTConfig:
 def write_lines(path: Path, lines) -> Path:
     path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
     return path
+
+
+def largest_relative_difference(one: dict, two: dict, tolerance: float) -> float:
+    """Asserts every tensor of ``two`` is within ``tolerance`` of ``one``, relative to that tensor's
+    largest entry (gloo's reduction order differs from one process's sum); returns the worst ratio."""
+    assert one.keys() == two.keys()
+    worst = 0.0
+    for key in one:
+        scale = max(float(one[key].abs().max()), 1e-12)
+        ratio = float((two[key] - one[key]).abs().max()) / scale
+        assert ratio <= tolerance, (key, ratio)
+        worst = max(worst, ratio)
+    return worst
