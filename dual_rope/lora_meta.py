@@ -193,25 +193,24 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _RESEND = "export it again (training.lora_io.save_lora) or copy the whole file again"
 
 
-def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """``(tensor entries, __metadata__, data start)`` of a safetensors file, checked for truncation."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFileError(path, "no such file", "check the name, or put the file in ComfyUI's models/loras folder")
+def parse_safetensors_header(path: Path, fail: Callable[[str], Exception]) -> tuple[dict[str, dict], dict[str, str], int]:
+    """``(tensor entries, __metadata__, data start)`` of an existing safetensors file, checked for
+    truncation and corruption without reading the tensors. ``fail(reason)`` makes the caller's
+    exception (its type and its fix), so LoRA files and model files share one check."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise LoraFileError(path, f"only {size} bytes, not a safetensors file", _RESEND)
+            raise fail(f"only {size} bytes, not a safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, 100 << 20):
-            raise LoraFileError(path, "not a safetensors file, or its header is cut off", _RESEND)
+        if length > min(size - 8, 200 << 20):
+            raise fail("not a safetensors file, or its header is cut off")
         try:
             header = json.loads(fh.read(length))
         except (UnicodeDecodeError, ValueError):
-            raise LoraFileError(path, "its safetensors header is not valid JSON (corrupt file)", _RESEND) from None
+            raise fail("its safetensors header is not valid JSON (corrupt file)") from None
     if not isinstance(header, dict):
-        raise LoraFileError(path, "its safetensors header is not a JSON object (corrupt file)", _RESEND)
+        raise fail("its safetensors header is not a JSON object (corrupt file)")
     metadata = header.pop("__metadata__", None) or {}
     start, end = 8 + length, 8 + length
     for name, entry in header.items():
@@ -220,13 +219,21 @@ def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str], int]
             count = math.prod(int(x) for x in entry["shape"])
             item = _DTYPE_BYTES.get(entry["dtype"])  # unknown (exotic) dtypes: offsets only
         except (KeyError, TypeError, ValueError):
-            raise LoraFileError(path, f"tensor {name!r} has a malformed header entry (corrupt file)", _RESEND) from None
+            raise fail(f"tensor {name!r} has a malformed header entry (corrupt file)") from None
         if hi < lo or (item is not None and hi - lo != count * item):
-            raise LoraFileError(path, f"tensor {name!r} has inconsistent offsets (corrupt file)", _RESEND)
+            raise fail(f"tensor {name!r} has inconsistent offsets (corrupt file)")
         end = max(end, start + hi)
     if end > size:
-        raise LoraFileError(path, f"truncated: its header needs {end} bytes, the file has {size}", _RESEND)
+        raise fail(f"truncated: its header needs {end} bytes, the file has {size}")
     return header, metadata, start
+
+
+def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """``(tensor entries, __metadata__, data start)`` of a LoRA file, checked for truncation."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(path, "no such file", "check the name, or put the file in ComfyUI's models/loras folder")
+    return parse_safetensors_header(path, lambda reason: LoraFileError(path, reason, _RESEND))
 
 
 def lora_modules(keys, path="<state dict>") -> list[str]:

@@ -8,7 +8,6 @@ errors reported per sample, and resuming without queueing finished samples again
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -56,19 +55,9 @@ def test_comfy_overrides_set_the_standard_nodes_and_bypass_the_lora():
 def tiny_host(comfy_host, tmp_path_factory):
     """ComfyUI with tiny model files under the task workflows' names (as in test_workflows.py)."""
     import tiny_comfy_models
-    from comfy_host import start_server
-    from workflows.task_graphs import SFT_LORA
 
-    base = tmp_path_factory.mktemp("bench-tiny-host")
-    models = base / "models"
-    fingerprint = tiny_comfy_models.write_kontext_models(models, "flux1-kontext-dev.safetensors",
-                                                         "clip_l.safetensors", "ae.safetensors")
-    tiny_comfy_models.write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
-    try:
-        with start_server(base=base) as server:
-            yield server
-    finally:
-        shutil.rmtree(models, ignore_errors=True)
+    with tiny_comfy_models.tiny_kontext_server(tmp_path_factory.mktemp("bench-tiny-host")) as server:
+        yield server
 
 
 @pytest.mark.host

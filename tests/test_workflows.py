@@ -14,18 +14,17 @@ names (tests/tiny_comfy_models.py). What it changes, all for size only:
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host import PACK_NAME, REPO, start_server
+from comfy_host import PACK_NAME, REPO
 from workflow_checks import BYPASS, SECRET, check_api, check_ui, frontend_widgets, sockets, ui_to_api
 from workflows import build
 from workflows.fill import fill_workflow, load_workflow, nodes_titled
-from workflows.task_graphs import FRONTEND_ONLY, NODE_TYPES, SFT_LORA, TASKS, task_graph
+from workflows.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph
 
 try:
     from training.manifest import TASKS as MANIFEST_TASKS
@@ -173,16 +172,8 @@ def tiny_host(comfy_host, tmp_path_factory):
     """A host whose models/ holds tiny files under the workflows' own file names."""
     import tiny_comfy_models
 
-    base = tmp_path_factory.mktemp("tiny-host")
-    models = base / "models"
-    fingerprint = tiny_comfy_models.write_kontext_models(models, "flux1-kontext-dev.safetensors",
-                                                         "clip_l.safetensors", "ae.safetensors")
-    tiny_comfy_models.write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
-    try:
-        with start_server(base=base) as server:
-            yield server
-    finally:
-        shutil.rmtree(models, ignore_errors=True)  # ~1.4 GB: not left in pytest's kept tmp dirs
+    with tiny_comfy_models.tiny_kontext_server(tmp_path_factory.mktemp("tiny-host")) as server:
+        yield server
 
 
 @pytest.mark.host

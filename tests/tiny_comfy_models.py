@@ -14,6 +14,7 @@ What ComfyUI's detection leaves free, and so what "tiny" can mean:
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -97,3 +98,23 @@ def write_dualref_lora(path: Path, fingerprint: str, layout: str = "diagonal", r
         lora[f"{module}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.01
     return save_lora(path, lora, dict(layout=layout, stage="sft", rank=rank, alpha=float(rank),
                                       base_fingerprint=fingerprint, train={"steps": 1, "precision": "bf16"}))
+
+
+@contextlib.contextmanager
+def tiny_kontext_server(base: Path):
+    """A ComfyUI server whose ``base/models`` holds tiny files under the task workflows' own file
+    names (Kontext transformer, CLIP-L, VAE and the SFT LoRA); the ~1.4 GB of models is removed
+    afterwards rather than left in pytest's kept tmp dirs."""
+    import shutil
+
+    from comfy_host import start_server
+    from workflows.task_graphs import SFT_LORA
+
+    models = base / "models"
+    fingerprint = write_kontext_models(models, "flux1-kontext-dev.safetensors", "clip_l.safetensors", "ae.safetensors")
+    write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
+    try:
+        with start_server(base=base) as server:
+            yield server
+    finally:
+        shutil.rmtree(models, ignore_errors=True)

@@ -8,7 +8,6 @@ config folders the pack ships, and transformers' own ``from_pretrained``; nothin
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import struct
@@ -17,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from dual_rope.lora_meta import parse_safetensors_header
+
 log = logging.getLogger(__name__)
 
 _REFETCH = "download or copy the file again (compare its size with the source)"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Prefixes that checkpoints bundle components under (ComfyUI / LDM full checkpoints).
 _PREFIXES = ("model.diffusion_model.", "first_stage_model.", "vae.", "text_encoders.clip_l.transformer.",
              "text_encoders.t5xxl.transformer.", "cond_stage_model.transformer.")
@@ -57,37 +56,7 @@ def read_header(path) -> dict[str, dict]:
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise ModelFileError(path, "pickle checkpoints are not loaded (they can run code)",
                              "use the .safetensors release of this model")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ModelFileError(path, f"only {size} bytes: not a safetensors file", _REFETCH)
-        (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, 200 << 20):
-            raise ModelFileError(path, "not a safetensors file, or its header is cut off", _REFETCH)
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise ModelFileError(path, "its safetensors header is not valid JSON (corrupt file)", _REFETCH) from None
-    if not isinstance(header, dict):
-        raise ModelFileError(path, "its safetensors header is not a JSON object (corrupt file)", _REFETCH)
-    header.pop("__metadata__", None)
-    end = 0
-    for name, entry in header.items():
-        try:
-            lo, hi = (int(x) for x in entry["data_offsets"])
-            count = 1
-            for d in entry["shape"]:
-                count *= int(d)
-            item = _DTYPE_BYTES.get(entry["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFileError(path, f"tensor {name!r} has a malformed header entry (corrupt file)", _REFETCH) from None
-        if hi < lo or (item is not None and hi - lo != count * item):
-            raise ModelFileError(path, f"tensor {name!r} has inconsistent offsets (corrupt file)", _REFETCH)
-        end = max(end, hi)
-    if 8 + length + end > size:
-        raise ModelFileError(path, f"truncated: its header needs {8 + length + end} bytes, the file has {size}",
-                             _REFETCH)
+    header, _, _ = parse_safetensors_header(path, lambda reason: ModelFileError(path, reason, _REFETCH))
     return header
 
 
