@@ -56,7 +56,8 @@ THRESHOLDS = {
     "blank": (0.99, 0.005, False),     # share of pixels at the mean colour
     "speckle": (8.5, 1.0, False),      # mean distance to the closest neighbour (per-pixel noise)
     "banding": (0.5, 0.08, False),    # share of rows/columns crossed by stripes in plain background
-    "sharpness": (0.37, 0.03, True),   # median one-pixel share of strong colour ramps (blur)
+    # median one-pixel share of strong colour ramps (blur): calibration heavy blur <= 0.393, VAE-like >= 0.535
+    "sharpness": (0.40, 0.03, True),
     "off_palette": (0.02, 0.004, False),  # share of flat pixels in no colour of the world
     "broken": (0.5, 0.1, False),       # 1 when an edited object is cut off along a straight line
 }

@@ -65,3 +65,28 @@ def largest_relative_difference(one: dict, two: dict, tolerance: float) -> float
         assert ratio <= tolerance, (key, ratio)
         worst = max(worst, ratio)
     return worst
+
+
+def ctrl_c_when(cmd: list[str], metrics_path: Path, min_step: int, log_path: Path, cwd: Path) -> int:
+    """Run ``cmd`` in its own process group, send that group SIGINT (a terminal's Ctrl-C) once
+    ``metrics_path`` has a row with ``step >= min_step``, and return the exit status."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(cwd))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+            if any(json.loads(line).get("step", 0) >= min_step for line in lines if line.strip()):
+                break
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            sys.stderr.write(log_path.read_text()[-3000:])
+            raise AssertionError("the run ended before it could be interrupted")
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.wait(timeout=120)

@@ -21,16 +21,20 @@ import pytest
 from safetensors.torch import load_file
 
 from ddpo_helpers import ddpo_values, metrics, micro_setup
-from sft_helpers import largest_relative_difference
+from sft_helpers import ctrl_c_when, largest_relative_difference
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _command(config: Path, out: Path, processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "training.ddpo", "--config", str(config), "--out", str(out), "--quiet"]
+
+
 def _run(config: Path, out: Path, processes: int):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "training.ddpo", "--config", str(config), "--out", str(out), "--quiet"]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_command(config, out, processes), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(out / "dualref_ddpo.safetensors"), metrics(out)
 
@@ -56,3 +60,28 @@ def test_two_gloo_processes_match_one(tmp_path):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert set(summary) == {"base", "sft", "sft_ddpo"}
     print(f"largest DDPO LoRA difference between 1 and 2 processes: {worst:.3g} of the tensor's scale")
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_on_two_processes_saves_the_last_iteration_and_the_rerun_finishes_it(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) mid-run: the main process saves the
+    last completed iteration alone (no barrier: its peer may be gone) and a rerun on the same folder
+    ends with the same DDPO LoRA as an uninterrupted two-process run."""
+    model, manifest, sft = micro_setup(tmp_path)
+    # checkpoint_every 100: only the interrupt itself can write a checkpoint before the end.
+    values = ddpo_values(model, manifest, sft, tmp_path / "unused", ddpo={"iterations": 6},
+                         run={"checkpoint_every": 100, "eval_every": 0, "progress": False},
+                         eval={"limit_per_task": 1, "grid_per_task": 1})
+    config = tmp_path / "ddpo.json"
+    config.write_text(json.dumps(values))
+    straight, _ = _run(config, tmp_path / "straight", 2)
+
+    out = tmp_path / "cut"
+    assert ctrl_c_when(_command(config, out, 2), out / "metrics.jsonl", 2, tmp_path / "cut.log", REPO) != 0
+    steps = sorted(int(p.name.split("_")[1]) for p in out.rglob("step_*") if p.is_dir())
+    assert steps and 2 <= steps[-1] < 6, ((tmp_path / "cut.log").read_text()[-3000:], steps)
+
+    resumed, rows = _run(config, out, 2)
+    assert rows[-1]["step"] == 6
+    worst = largest_relative_difference(straight, resumed, 2e-3)
+    print(f"interrupted at iteration {steps[-1]}; largest LoRA difference after the rerun: {worst:.3g}")

@@ -18,16 +18,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sft_helpers import largest_relative_difference, micro_model, micro_world
+from sft_helpers import ctrl_c_when, largest_relative_difference, micro_model, micro_world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(config: Path, out: Path, processes: int):
+def _command(config: Path, out: Path, processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "training.sft", "--config", str(config), "--out", str(out), "--quiet"]
+
+
+def _run(config: Path, out: Path, processes: int, *extra: str):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-           "-m", "training.sft", "--config", str(config),
-           "--out", str(out), "--quiet"]
+    cmd = _command(config, out, processes) + list(extra)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(out / "lora.safetensors"), [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -51,3 +54,27 @@ def test_two_gloo_processes_match_one(tmp_path):
     loss_two = [r["loss"] for r in metrics_two if "loss" in r]  # mean over both processes' halves
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
     print(f"largest LoRA difference between 1 and 2 processes: {worst:.3g} of the tensor's scale")
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group): the main process saves the last
+    finished step alone (no barrier: its peer may be gone), and ``--resume`` ends with the LoRA of
+    an uninterrupted two-process run."""
+    model = micro_model(tmp_path / "micro")
+    manifest = micro_world(tmp_path / "world", tasks=("person_scene",), train=8, test=2)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({  # checkpoint_every 0: only the interrupt can write a checkpoint early
+        "model": {"path": str(model)}, "data": {"manifest": str(manifest), "batch_size": 4},
+        "lora": {"rank": 4}, "optim": {"lr": 2e-3}, "train": {"max_steps": 40},
+        "run": {"checkpoint_every": 0, "val_at_start": False, "val_samples": 0, "val_loss_samples": 2}}))
+    straight, _ = _run(config, tmp_path / "straight", 2)
+
+    out = tmp_path / "cut"
+    assert ctrl_c_when(_command(config, out, 2), out / "metrics.jsonl", 3, tmp_path / "cut.log", REPO) != 0
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*") if p.is_dir())
+    assert steps and 3 <= steps[-1] < 40, ((tmp_path / "cut.log").read_text()[-3000:], steps)
+
+    resumed, _ = _run(config, out, 2, "--resume")
+    worst = largest_relative_difference(straight, resumed, 2e-3)
+    print(f"interrupted at step {steps[-1]}; largest LoRA difference after --resume: {worst:.3g}")

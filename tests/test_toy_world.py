@@ -139,13 +139,15 @@ def test_plans_say_which_attribute_comes_from_which_reference():
         from_1 = left if s.plan["roles"]["left"]["from"] == 1 else right
         assert from_1["garment"] == s.plan["refs"][0]["elements"][0]["garment"]
         assert left["box"][2] <= right["box"][0]  # side by side, not overlapping
+        assert from_1 == s.plan["refs"][0]["elements"][0]  # image 1's figure stays where it stands
+        assert s.plan["target"]["background"] == s.plan["refs"][0]["background"]
 
         s = make_sample("style_transfer", 1, i)
         roles = s.plan["roles"]
         assert [e["box"] for e in s.plan["target"]["elements"]] == [e["box"] for e in s.plan["refs"][0]["elements"]]
         style = s.plan["refs"][1]
+        assert s.plan["target"]["background"] == s.plan["refs"][0]["background"]  # the style goes onto the shapes
         if roles["mode"] in ("palette", "both"):
-            assert s.plan["target"]["background"]["colour"] == style["background"]["colour"]
             assert all(e["colour"] == style["elements"][0]["colour"] for e in s.plan["target"]["elements"])
         if roles["mode"] in ("texture", "both"):
             assert all(e["texture"] == style["elements"][0]["texture"] != "solid" for e in s.plan["target"]["elements"])

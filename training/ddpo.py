@@ -184,11 +184,14 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
         accelerator.wait_for_everyone()
         return values
 
+    def save_checkpoint(iteration: int) -> None:
+        ddpo_state.save(run_dir, iteration, transformer, optimizer, scheduler,
+                        {"baseline": baseline.state_dict(), "tracker": tracker.state_dict()}, cfg.to_dict(),
+                        cfg.run.keep_checkpoints)
+
     def checkpoint_now(iteration: int) -> None:
         if main:
-            ddpo_state.save(run_dir, iteration, transformer, optimizer, scheduler,
-                            {"baseline": baseline.state_dict(), "tracker": tracker.state_dict()}, cfg.to_dict(),
-                            cfg.run.keep_checkpoints)
+            save_checkpoint(iteration)
         accelerator.wait_for_everyone()
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -252,14 +255,14 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     except KeyboardInterrupt:
         bar.close()
         judge_pool.close(close_judge=owns_judge)
-        if world == 1:
-            if before is not None:
-                ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker)
-            if completed != saved:
-                log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
-                checkpoint_now(completed)
-        else:  # the other processes stop at other points: nothing consistent to save; keep the last checkpoint
-            log.warning("interrupted; a rerun resumes from the last checkpoint (iteration %d)", saved)
+        if before is not None:
+            ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker)
+        if completed != saved and main:
+            # Every process holds the same weights, optimizer and baseline after each completed
+            # iteration (DDP), so the main process saves alone, without a barrier: the others may
+            # already be gone.
+            log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
+            save_checkpoint(completed)
         raise
     bar.close()
     if saved != cfg.ddpo.iterations:

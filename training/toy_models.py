@@ -37,8 +37,11 @@ def toy_config(component: str) -> dict:
     return json.loads((TOY_CONFIGS / component / name).read_text())
 
 
-def build_components(vocabulary, seed: int = 0) -> dict:
-    """Fresh random toy components (deterministic for ``seed``)."""
+def build_components(vocabulary, seed: int = 0, qk_norm_init: float = 1.0) -> dict:
+    """Fresh random toy components (deterministic for ``seed``). ``qk_norm_init`` starts the
+    transformer's query/key RMSNorm weights there instead of at 1: with unit weights a 32-wide head's
+    attention logits are capped near sqrt(32), too flat to pick one token out of a reference, and a
+    from-scratch model takes thousands of steps to grow them."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -56,6 +59,11 @@ def build_components(vocabulary, seed: int = 0) -> dict:
         "vae": AutoencoderKL.from_config(toy_config("vae")),
         "transformer": FluxTransformer2DModel.from_config(toy_config("transformer")),
     }
+    if qk_norm_init != 1.0:
+        with torch.no_grad():
+            for name, param in parts["transformer"].named_parameters():
+                if any(f"attn.norm_{k}" in name for k in ("q.", "k.", "added_q.", "added_k.")):
+                    param.fill_(qk_norm_init)
     return parts
 
 

@@ -275,9 +275,15 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             if on_step is not None:
                 on_step(state.step)
     except KeyboardInterrupt:
-        if state.step != saved_step:
+        if state.step != saved_step and (world == 1 or (main and not fsdp)):
+            # DDP keeps every process's weights and optimizer identical after each step, so the main
+            # process saves alone, without a barrier: the others may already be gone. (FSDP shards
+            # need every process: there a rerun resumes from the last periodic checkpoint.)
             log.warning("interrupted at step %d: saving a checkpoint to resume from", state.step)
-            checkpoint_now()
+            if fsdp:
+                checkpoint_now()
+            else:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler, cfg.to_dict(), cfg.run.keep_checkpoints)
         bar.close()
         raise
     bar.close()

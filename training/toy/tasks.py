@@ -156,26 +156,26 @@ def person_scene(rng, size1, size2) -> Case:
 
 
 def group_portrait(rng, size1, size2) -> Case:
+    """Image 1's figure already stands on its side of its own picture; the figure of image 2 joins it
+    on the other side (WORLD_VERSION 3: an edit of image 1, as Kontext's group edits are, rather than a
+    re-rendering of both figures on a new background)."""
     (h1, w1), (h2, w2) = size1, size2
     bg1 = random_background(rng)
     bg2 = random_background(rng, avoid=bg1)
-    plain = rng.random() < 0.4
-    bg_target = {"kind": "flat", "colour": choice(rng, tuple(BACKGROUND_COLOURS))} if plain else bg1
-    look1 = random_figure(rng, [bg1, bg_target])
-    look2 = random_figure(rng, [bg2, bg_target], avoid_garment=look1["garment"])
+    look1 = random_figure(rng, [bg1])
+    look2 = random_figure(rng, [bg2, bg1], avoid_garment=look1["garment"])
     side1 = choice(rng, ("left", "right"))
     side2 = "right" if side1 == "left" else "left"
-    ref1 = scene(size1, bg1, [placed(look1, figure_box("medium", 0.5, h1, w1))])
-    ref2 = scene(size2, bg2, [placed(look2, figure_box("medium", 0.5, h2, w2))])
-    base = scene(size1, bg_target)
     slot = GROUP_SLOTS["right"] - GROUP_SLOTS["left"] - 0.04  # keep a gap between the two figures
-    target = scene(size1, bg_target, [placed(look1, figure_box("medium", GROUP_SLOTS[side1], h1, w1, slot)),
-                                      placed(look2, figure_box("medium", GROUP_SLOTS[side2], h1, w1, slot))])
+    figure1 = placed(look1, figure_box("medium", GROUP_SLOTS[side1], h1, w1, slot))
+    ref1 = scene(size1, bg1, [figure1])
+    ref2 = scene(size2, bg2, [placed(look2, figure_box("medium", 0.5, h2, w2))])
+    base = scene(size1, bg1)
+    target = scene(size1, bg1, [figure1, placed(look2, figure_box("medium", GROUP_SLOTS[side2], h1, w1, slot))])
     roles = {side1: {"from": 1, "garment": look1["garment"]}, side2: {"from": 2, "garment": look2["garment"]},
-             "background": {"plain": bg_target["colour"]} if plain else {"from": 1}}
+             "background": {"from": 1}}
     plan = make_plan("group_portrait", [ref1, ref2], target, base, [0, 1], [], roles)
-    instruction = templates.group_instruction(rng, side1, bg_target["colour"] if plain else None)
-    return Case("group_portrait", [ref1, ref2], target, instruction, plan)
+    return Case("group_portrait", [ref1, ref2], target, templates.group_instruction(rng, side1), plan)
 
 
 def style_transfer(rng, size1, size2) -> Case:
@@ -185,7 +185,7 @@ def style_transfer(rng, size1, size2) -> Case:
     b1 = choice(rng, tuple(BACKGROUND_COLOURS))
     c1 = pick_colour(rng, objects, [rgb(b1)])
     b2 = pick_colour(rng, tuple(BACKGROUND_COLOURS), [rgb(b1)], 70.0)
-    c2 = pick_colour(rng, objects, [rgb(b2), rgb(c1)])
+    c2 = pick_colour(rng, objects, [rgb(b2), rgb(c1), rgb(b1)])  # it lands on image 1's background
     p2 = pick_colour(rng, objects, [rgb(b1), rgb(b2), rgb(c1), rgb(c2)])
     t2 = choice(rng, TEXTURES if mode == "palette" else TEXTURES[1:])
     layout = [(PLACES[i], choice(rng, SHAPES), choice(rng, tuple(SHAPE_SIZES)))
@@ -196,7 +196,8 @@ def style_transfer(rng, size1, size2) -> Case:
                  [shape_element(choice(rng, SHAPES), c2, shape_box(PLACES[i], choice(rng, tuple(SHAPE_SIZES)), h2, w2),
                                 t2, p2 if t2 != "solid" else None)
                   for i in rng.permutation(9)[:int(rng.integers(2, 4))]])
-    background, colour = (b1, c1) if mode == "texture" else (b2, c2)
+    # The style goes onto image 1's shapes; its background stays (WORLD_VERSION 3: an edit of image 1).
+    background, colour = b1, (c1 if mode == "texture" else c2)
     texture, colour2 = ("solid", None) if mode == "palette" else (t2, p2)
     target = scene(size1, {"kind": "flat", "colour": background},
                    [shape_element(s, colour, shape_box(p, z, h1, w1), texture, colour2) for p, s, z in layout])

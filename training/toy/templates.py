@@ -58,16 +58,13 @@ TEMPLATES = {
         "Change the clothes of the {obj} in {r1} to match {r2}.",
     ),
 }
-GROUP_BACKGROUNDS = {
-    "given": (" in front of the background of {r1}", " with the background of {r1}"),
-    "plain": (" on a plain {colour} background", " against a plain {colour} wall"),
-}
+GROUP_BACKGROUNDS = (" in front of the background of {r1}", " with the background of {r1}", "")
 STYLE_TEMPLATES = {
     "palette": (
-        "Repaint {r1} with the colours of {r2}.",
-        "Apply the colour palette of {r2} to {r1}.",
-        "Use the colours from {r2} for the scene in {r1}.",
-        "Recolour {r1} so that it uses the palette of {r2}.",
+        "Repaint the shapes of {r1} with the colours of {r2}.",
+        "Apply the colour palette of {r2} to the shapes of {r1}.",
+        "Use the colours from {r2} for the shapes in {r1}.",
+        "Recolour the objects of {r1} so that they use the palette of {r2}.",
     ),
     "texture": (
         "Give the shapes in {r1} the pattern of {r2}.",
@@ -133,14 +130,10 @@ def person_instruction(rng, scale: str, side: str) -> str:
         obj=obj, scale=_choice(rng, SCALE_WORDS[scale]), side=_choice(rng, SIDE_PHRASES[side]), **_refs(rng)))
 
 
-def group_instruction(rng, side_of_1: str, background: str | None) -> str:
-    """``background``: None for image 1's background, else the plain colour's name."""
+def group_instruction(rng, side_of_1: str) -> str:
     obj, objs = _choice(rng, PERSON_NOUNS)
     refs = _refs(rng)
-    if background is None:
-        bg = _choice(rng, GROUP_BACKGROUNDS["given"]).format(**refs)
-    else:
-        bg = _choice(rng, GROUP_BACKGROUNDS["plain"]).format(colour=background)
+    bg = _choice(rng, GROUP_BACKGROUNDS).format(**refs)
     other = "right" if side_of_1 == "left" else "left"
     return _finish(_choice(rng, TEMPLATES["group_portrait"]).format(
         obj=obj, objs=objs, a=side_of_1, b=other, bg=bg, **refs))
@@ -164,7 +157,7 @@ def single_instruction(rng, op: str, **slots) -> str:
 def vocabulary() -> list[str]:
     """Every lower-case word and punctuation mark an instruction can contain, sorted."""
     texts = [t for group in (TEMPLATES, STYLE_TEMPLATES, SINGLE_TEMPLATES) for ts in group.values() for t in ts]
-    texts += [t for ts in GROUP_BACKGROUNDS.values() for t in ts]
+    texts += list(GROUP_BACKGROUNDS)
     texts += [" ".join(pair) for pair in REF_NAMES]
     texts += [p for ps in PLACE_PHRASES.values() for p in ps] + [p for ps in SIDE_PHRASES.values() for p in ps]
     texts += [w for ws in SCALE_WORDS.values() for w in ws] + list(ANIMAL_NOUNS) + [" ".join(p) for p in PERSON_NOUNS]

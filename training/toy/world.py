@@ -28,7 +28,7 @@ from .templates import vocabulary
 log = logging.getLogger(__name__)
 
 WORLD_NAME = "DualShapes"
-WORLD_VERSION = 2  # 2: block rendering (scene.CELL)
+WORLD_VERSION = 3  # 2: block rendering (scene.CELL); 3: group portrait and style transfer edit image 1
 ALL_TASKS = TASKS + SINGLE_TASKS
 _BUILDERS = {**BUILDERS, "single_edit": single_edit}
 _SPLIT_CODE = {"train": 0, "test": 1}
