@@ -184,15 +184,13 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
         accelerator.wait_for_everyone()
         return values
 
-    def save_checkpoint(iteration: int) -> None:
-        ddpo_state.save(run_dir, iteration, transformer, optimizer, scheduler,
-                        {"baseline": baseline.state_dict(), "tracker": tracker.state_dict()}, cfg.to_dict(),
-                        cfg.run.keep_checkpoints)
-
-    def checkpoint_now(iteration: int) -> None:
+    def checkpoint_now(iteration: int, barrier: bool = True) -> None:
         if main:
-            save_checkpoint(iteration)
-        accelerator.wait_for_everyone()
+            ddpo_state.save(run_dir, iteration, transformer, optimizer, scheduler,
+                            {"baseline": baseline.state_dict(), "tracker": tracker.state_dict()}, cfg.to_dict(),
+                            cfg.run.keep_checkpoints)
+        if barrier:
+            accelerator.wait_for_everyone()
 
     # -- the loop ---------------------------------------------------------------------------------
     last_eval = None
@@ -262,7 +260,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
             # iteration (DDP), so the main process saves alone, without a barrier: the others may
             # already be gone.
             log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
-            save_checkpoint(completed)
+            checkpoint_now(completed, barrier=False)
         raise
     bar.close()
     if saved != cfg.ddpo.iterations:

@@ -61,10 +61,15 @@ def build_components(vocabulary, seed: int = 0, qk_norm_init: float = 1.0) -> di
     }
     if qk_norm_init != 1.0:
         with torch.no_grad():
-            for name, param in parts["transformer"].named_parameters():
-                if any(f"attn.norm_{k}" in name for k in ("q.", "k.", "added_q.", "added_k.")):
-                    param.fill_(qk_norm_init)
+            for param in qk_norm_parameters(parts["transformer"]).values():
+                param.fill_(qk_norm_init)
     return parts
+
+
+def qk_norm_parameters(transformer) -> dict:
+    """The query/key RMSNorm weights of every attention (both streams of the double blocks)."""
+    return {n: p for n, p in transformer.named_parameters()
+            if any(f"attn.norm_{k}" in n for k in ("q.", "k.", "added_q.", "added_k."))}
 
 
 def save_folder(path, parts: dict, settings: dict) -> Path:

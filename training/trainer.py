@@ -212,12 +212,13 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
                                 run_dir / "val" / f"step_{step:07d}.png", cfg.train.seed, device)
         return value
 
-    def checkpoint_now() -> None:
+    def checkpoint_now(barrier: bool = True) -> None:
         if fsdp:
             save_sharded_checkpoint(accelerator, run_dir, state, scheduler, cfg.to_dict())
         elif main:
             save_checkpoint(run_dir, state, model, optimizer, scheduler, cfg.to_dict(), cfg.run.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        if barrier:
+            accelerator.wait_for_everyone()
 
     # -- the loop -------------------------------------------------------------------------------
     if checkpoint is None and cfg.run.val_at_start:
@@ -275,15 +276,13 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             if on_step is not None:
                 on_step(state.step)
     except KeyboardInterrupt:
-        if state.step != saved_step and (world == 1 or (main and not fsdp)):
+        if state.step != saved_step and not (fsdp and world > 1):
             # DDP keeps every process's weights and optimizer identical after each step, so the main
             # process saves alone, without a barrier: the others may already be gone. (FSDP shards
             # need every process: there a rerun resumes from the last periodic checkpoint.)
-            log.warning("interrupted at step %d: saving a checkpoint to resume from", state.step)
-            if fsdp:
-                checkpoint_now()
-            else:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler, cfg.to_dict(), cfg.run.keep_checkpoints)
+            if main:
+                log.warning("interrupted at step %d: saving a checkpoint to resume from", state.step)
+            checkpoint_now(barrier=False)
         bar.close()
         raise
     bar.close()
