@@ -15,3 +15,19 @@ def test_qk_norm_init_sets_every_query_key_norm_and_nothing_else():
     assert all(torch.equal(p, torch.ones_like(p)) for p in qk_norm_parameters(plain).values())
     other = {n: p for n, p in warm.state_dict().items() if n not in norms}
     assert all(torch.equal(p, plain.state_dict()[n]) for n, p in other.items())
+
+
+def test_pretraining_trains_the_noise_levels_where_sampling_starts(tmp_path):
+    """The toy sampler spends its first steps at sigma >= 0.88, where the layout of the picture is
+    decided; the base's pretraining must draw those noise levels often (unshifted logit-normal: ~1 %)."""
+    from training.flow import draw_sigmas_and_noise
+    from training.schedule import sigma_schedule
+    from training.toy_base import DEFAULT_RECIPE, pretrain_config
+
+    cfg = pretrain_config(tmp_path, tmp_path, DEFAULT_RECIPE, progress=False)
+    first_steps = sigma_schedule(DEFAULT_RECIPE["sample_steps"], 64, None)[:3]
+    assert float(first_steps.min()) >= 0.85
+    sigmas, _ = draw_sigmas_and_noise((1, 1, 1), 0, 0, range(4000), cfg.train.sigma_sampling,
+                                      cfg.train.logit_mean, cfg.train.logit_std, cfg.train.sigma_shift)
+    assert float((sigmas >= 0.9).float().mean()) >= 0.10
+    assert cfg.train.mode == "full" and cfg.train.max_steps == DEFAULT_RECIPE["base_steps"]
