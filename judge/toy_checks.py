@@ -20,6 +20,9 @@ except ImportError:  # headless: judge/ and training/ are top-level packages
 
 FOREGROUND_TOL = 48.0  # RGB distance: "differs from what was there"
 APPEARANCE_TOL = 70.0  # RGB distance: "is this colour", after nearest-colour assignment
+# The unit of a stray change: a small object's side as a fraction of the shorter picture side (world
+# v3's small shapes; world v4 draws every shape larger, at a quarter).
+SMALL_OBJECT = 0.19
 LOOK_KEYS = ("skin", "garment", "texture", "colour2", "legs")
 PALETTE = np.array(list(toy_scene.COLOURS.values()), np.float32)
 
@@ -59,7 +62,7 @@ class PlanRenders:
         self.differ = m.distance(self.target, self.base) > FOREGROUND_TOL
         self.plain = (owner == -1) & m.flat_pixels(self.target, 16.0)  # background, gradients included
         h, w = plan["size"]
-        self.small_area = float(toy_scene.shape_side("small", h, w) ** 2)
+        self.small_area = float((SMALL_OBJECT * min(h, w)) ** 2)
         self.segments = [(toy_scene.rgb(b["top"]), toy_scene.rgb(b["bottom"]))
                          for s in [plan["target"], plan["base"], *plan.get("refs", [])]
                          for b in [s["background"]] if b["kind"] == "gradient"]

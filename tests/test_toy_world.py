@@ -161,6 +161,31 @@ def test_plans_say_which_attribute_comes_from_which_reference():
         assert after["garment"] != before["garment"]
 
 
+def test_geometry_sits_on_the_token_grid_so_a_move_is_a_whole_token_shift():
+    token = toy_scene.TOKEN
+    for task, i in itertools.product(TASKS + SINGLE_TASKS, range(12)):
+        s = make_sample(task, 2, i)
+        for element in (e for sc in s.plan["refs"] + [s.plan["target"]] for e in sc["elements"]):
+            x0, y0, x1, y1 = element["box"]
+            if element["kind"] == "shape":
+                assert all(v % token == 0 for v in element["box"]), (task, element)
+            else:  # a figure: feet, head line and centre line on the grid
+                assert (y0 % token, y1 % token, (x0 + x1) / 2 % token) == (0, 0, 0), (task, element)
+        if task == "animal_scene":  # image 2's object is centred, as in a product photo
+            assert _centre(s.plan["refs"][1]["elements"][0]["box"]) == (32, 32)
+    # The same shape at two places: the same pixels, shifted by whole tokens.
+    background = {"kind": "flat", "colour": "cream"}
+    for shape, texture in (("circle", "solid"), ("triangle", "checks"), ("cross", "dots")):
+        element = {"kind": "shape", "shape": shape, "colour": "red", "texture": texture, "colour2": "blue"}
+        a, b = (toy_scene.render({"size": [64, 64], "background": background,
+                                  "elements": [dict(element, box=toy_scene.shape_box(p, 64, 64))]})
+                for p in ("top left", "bottom right"))
+        dx, dy = (np.subtract(toy_scene.place_centre("bottom right", 64, 64),
+                              toy_scene.place_centre("top left", 64, 64)))
+        assert dx % token == 0 and dy % token == 0
+        assert np.array_equal(np.roll(a, (int(dy), int(dx)), axis=(0, 1)), b), shape
+
+
 def _cell(box, h, w):
     cx, cy = _centre(box)
     return min(2, int(cy * 3 / h)) * 3 + min(2, int(cx * 3 / w))

@@ -6,10 +6,11 @@ corruption does not apply to the sample (e.g. reference 2 of a single-reference 
 Failures (a judge must answer "no" to the right question):
 ``ref1`` / ``ref2`` (a reference returned unchanged), ``blank``, ``noise`` (uniform random pixels),
 ``wrong_place`` (the edit at another place, or on the wrong object / side), ``wrong_colour`` (the
-edit with a colour from neither reference), ``wrong_size`` (the other size/scale), ``half`` (only
-half of the edit pasted), ``gauss_noise`` (exact target + Gaussian noise, sigma 20), ``banding``
-(exact target + 2-pixel horizontal stripes of +-16), ``heavy_blur`` (Gaussian, sigma 1.5),
-``splotches`` (three discs of colours the world does not have, as a VAE's out-of-range blobs).
+edit with a colour from neither reference), ``wrong_size`` (the other figure scale; a shape half as
+large again), ``half`` (only half of the edit pasted), ``gauss_noise`` (exact target + Gaussian
+noise, sigma 20), ``banding`` (exact target + 2-pixel horizontal stripes of +-16), ``heavy_blur``
+(Gaussian, sigma 1.5), ``splotches`` (three discs of colours the world does not have, as a VAE's
+out-of-range blobs).
 Degradations a VAE causes, which must still pass: ``blur`` (sigma 0.6), ``jpeg`` (quality 75, full
 colour resolution), ``shift`` (up to +-8 per channel), ``vae_like`` (blur 0.5 + shift 6 + JPEG 85).
 Informational: ``jpeg420`` (quality 75 with halved colour resolution, which smears the 3-pixel
@@ -86,7 +87,7 @@ def _wrong_place(plan, rng):
     if task == "animal_scene" or (task == "single_edit" and roles["op"] in ("add", "move")):
         e = elements[plan["edited"][0]]
         wrong = [p for p in PLACES if p != roles.get("new_place", roles["place"]) and p != roles["place"]]
-        e["box"] = shape_box(wrong[int(rng.integers(len(wrong)))], e["box"][2] - e["box"][0], h, w)
+        e["box"] = shape_box(wrong[int(rng.integers(len(wrong)))], h, w, e["box"][2] - e["box"][0])
     elif task in ("person_scene", "clothing_replace"):
         e = elements[plan["edited"][0]]
         centre = (e["box"][0] + e["box"][2]) / 2 / w
@@ -99,7 +100,7 @@ def _wrong_place(plan, rng):
         a["box"], b["box"] = _move_box(a["box"], sign * shift, 0), _move_box(b["box"], -sign * shift, 0)
     elif task == "style_transfer":  # the style on another layout: every shape at another place
         for e, place in zip(elements, _shuffled_places(plan, rng)):
-            e["box"] = shape_box(place, e["box"][2] - e["box"][0], h, w)
+            e["box"] = shape_box(place, h, w, e["box"][2] - e["box"][0])
     else:  # single_edit recolour / remove: the edit applied to another object
         base = copy.deepcopy(plan["base"])
         others = [i for i in range(len(base["elements"])) if i not in plan["base_edited"]]
@@ -163,10 +164,8 @@ def _wrong_size(plan, rng):
         return target
     if task == "animal_scene" or (task == "single_edit" and plan["roles"]["op"] == "add"):
         e = target["elements"][plan["edited"][0]]
-        small, large = (round(f * min(h, w)) for f in (0.19, 0.28))
-        side = small if e["box"][2] - e["box"][0] >= large else large
-        place = plan["roles"]["place"]
-        e["box"] = shape_box(place, side, h, w)
+        side = round(1.5 * (e["box"][2] - e["box"][0]))  # shapes have one size; this is not it
+        e["box"] = shape_box(plan["roles"]["place"], h, w, side)
         return target
     return None
 

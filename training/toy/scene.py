@@ -41,12 +41,17 @@ TEXTURES = ("solid", "stripes", "checks", "dots")
 POSES = ("down", "out", "up")
 # The 3x3 grid of named places, row by row.
 PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-SHAPE_SIZES = {"small": 0.19, "large": 0.28}  # side as a fraction of the shorter image side
+SHAPE_SIDE = 0.25  # side as a fraction of the shorter image side (16 px, 2x2 tokens at 64 px)
 FIGURE_SCALES = {"small": 0.42, "medium": 0.56, "large": 0.72}  # height as a fraction of H
-FIGURE_COLUMNS = {"left": 0.2, "center": 0.5, "right": 0.8}  # x centre as a fraction of W
-GROUND = 0.94  # feet row as a fraction of H
+FIGURE_COLUMNS = {"left": 0.25, "center": 0.5, "right": 0.75}  # x centre as a fraction of W
+GROUND = 0.875  # feet row as a fraction of H
 PART_IDS = {"shape": 0, "legs": 1, "garment": 2, "arms": 3, "head": 4}
 CELL = 2  # pixels per side of a rendered block (see the module docstring)
+# Pixels per side of one token of the toy models (VAE 4x, 2x2 patches). Places, shape sides and
+# figure boxes sit on this grid (WORLD_VERSION 4), so moving an object from one place to another is a
+# shift by whole tokens, which the RoPE-positioned transformer can learn as a copy; off-grid
+# geometry changed every token's content with the move, and the toy SFT did not learn the edits.
+TOKEN = 8
 TEXTURE_PERIOD = 4  # in blocks: stripes/checks in 2-block (4 px) bands; dots: 2x2 blocks on a 4-block grid
 
 
@@ -61,18 +66,27 @@ def colour_distance(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
 
 
-def place_centre(place: str, h: int, w: int) -> tuple[float, float]:
+def on_grid(value: float, side: int) -> int:
+    """``value`` pixels rounded to the grid of a picture ``side`` pixels long: whole tokens where the
+    side is a multiple of four tokens (its quarter lines are then token boundaries), else blocks."""
+    step = TOKEN if side % (4 * TOKEN) == 0 else CELL
+    return step * round(value / step)
+
+
+def place_centre(place: str, h: int, w: int) -> tuple[int, int]:
+    """The centre of a named place: the quarter lines of the picture."""
     row, col = divmod(PLACES.index(place), 3)
-    return (2 * col + 1) * w / 6.0, (2 * row + 1) * h / 6.0
+    return on_grid((col + 1) * w / 4.0, w), on_grid((row + 1) * h / 4.0, h)
 
 
-def shape_side(size: str, h: int, w: int) -> int:
-    return max(4, round(SHAPE_SIZES[size] * min(h, w)))
+def shape_side(h: int, w: int) -> int:
+    short = min(h, w)
+    return max(CELL, on_grid(SHAPE_SIDE * short, short))
 
 
-def shape_box(place: str, size: str | int, h: int, w: int) -> list[int]:
-    """The box of a shape centred on a named place; ``size`` is a size name or a side in pixels."""
-    side = size if isinstance(size, int) else shape_side(size, h, w)
+def shape_box(place: str, h: int, w: int, side: int | None = None) -> list[int]:
+    """The box of a shape centred on a named place (``side`` in pixels; default the world's size)."""
+    side = shape_side(h, w) if side is None else side
     cx, cy = place_centre(place, h, w)
     x0, y0 = round(cx - side / 2), round(cy - side / 2)
     return [x0, y0, x0 + side, y0 + side]
@@ -80,12 +94,13 @@ def shape_box(place: str, size: str | int, h: int, w: int) -> list[int]:
 
 def figure_box(scale: str, x_frac: float, h: int, w: int, max_width: float = 1.0) -> list[int]:
     """A standing figure: feet on the ground row, centred at ``x_frac`` of the width, at most
-    ``max_width`` of the width wide (figures side by side in a narrow picture)."""
-    height = round(min(FIGURE_SCALES[scale] * h, max_width * w / 0.6))
-    width = round(0.6 * height)
-    y1 = round(GROUND * h)
-    x0 = round(x_frac * w - width / 2)
-    return [x0, y1 - height, x0 + width, y1]
+    ``max_width`` of the width wide (figures side by side in a narrow picture). Height, feet and
+    centre line are on the token grid, so a figure looks the same in every token it covers wherever
+    it stands."""
+    height = max(TOKEN, on_grid(min(FIGURE_SCALES[scale] * h, max_width * w / 0.6), h))
+    half_width = round(0.3 * height)
+    y1, cx = on_grid(GROUND * h, h), on_grid(x_frac * w, w)
+    return [cx - half_width, y1 - height, cx + half_width, y1]
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 from . import templates
-from .scene import OBJECT_COLOURS, PLACES, SHAPE_SIZES, SHAPES, TEXTURES, background_samples, rgb, shape_box
+from .scene import OBJECT_COLOURS, PLACES, SHAPES, TEXTURES, background_samples, rgb, shape_box
 from .tasks import Case, choice, make_plan, pick_colour, random_background, scene, shape_element
 
 OPERATIONS = ("recolour", "move", "add", "remove")
@@ -27,7 +27,7 @@ def _shapes(rng, size, background, count) -> tuple[list[dict], list[str]]:
         if rng.random() < 0.2:
             texture = choice(rng, TEXTURES[1:])
             colour2 = pick_colour(rng, tuple(OBJECT_COLOURS), bg + [rgb(colour)])
-        elements.append(shape_element(kind, colour, shape_box(place, choice(rng, tuple(SHAPE_SIZES)), h, w),
+        elements.append(shape_element(kind, colour, shape_box(place, h, w),
                                       texture, colour2))
     return elements, places
 
@@ -54,18 +54,18 @@ def single_edit(rng, size1, size2=None) -> Case:
         text = templates.single_instruction(rng, op, shape=chosen["shape"], old=chosen["colour"], colour=new)
     elif op == "move":
         place = choice(rng, free)
-        target["elements"][index]["box"] = shape_box(place, chosen["box"][2] - chosen["box"][0], h, w)
+        target["elements"][index]["box"] = shape_box(place, h, w)
         roles["new_place"] = place
         edited, base_edited = [index], [index]
         text = templates.single_instruction(rng, op, shape=chosen["shape"], old=chosen["colour"], place=place)
     elif op == "add":
         kind = choice(rng, [s for s in SHAPES if s not in {e["shape"] for e in elements}])
-        place, size = choice(rng, free), choice(rng, tuple(SHAPE_SIZES))
+        place = choice(rng, free)
         colour = pick_colour(rng, tuple(OBJECT_COLOURS), background_samples(background))
-        target["elements"].append(shape_element(kind, colour, shape_box(place, size, h, w)))
-        roles = {"op": op, "shape": kind, "colour": colour, "place": place, "size": size}
+        target["elements"].append(shape_element(kind, colour, shape_box(place, h, w)))
+        roles = {"op": op, "shape": kind, "colour": colour, "place": place}
         edited, base_edited = [len(elements)], []
-        text = templates.single_instruction(rng, op, shape=kind, colour=colour, size=size, place=place)
+        text = templates.single_instruction(rng, op, shape=kind, colour=colour, place=place)
     else:  # remove
         del target["elements"][index]
         edited, base_edited = [], [index]

@@ -21,7 +21,7 @@ import copy
 from dataclasses import dataclass
 
 from . import templates
-from .scene import (BACKGROUND_COLOURS, FIGURE_COLUMNS, OBJECT_COLOURS, PLACES, POSES, SHAPE_SIZES, SHAPES,
+from .scene import (BACKGROUND_COLOURS, FIGURE_COLUMNS, OBJECT_COLOURS, PLACES, POSES, SHAPES,
                     SKIN_COLOURS, TEXTURES, background_samples, colour_distance, figure_box, rgb, shape_box)
 
 PLAN_VERSION = 1
@@ -29,7 +29,7 @@ CONTRAST = 110.0  # between an element and what lies under or around it
 SKIN_CONTRAST = 80.0  # faces against backgrounds (only two skin tones exist)
 SKIES = ("sky", "lavender", "cream", "navy")
 GROUNDS = ("grass", "sand", "slate", "mint")
-GROUP_SLOTS = {"left": 0.3, "right": 0.7}
+GROUP_SLOTS = {"left": 0.25, "right": 0.75}
 
 
 class NoChoice(RuntimeError):
@@ -89,7 +89,7 @@ def distractors(rng, size, background, places, count, away=()) -> list[dict]:
     chosen = rng.permutation(len(places))[:count]
     bg = background_samples(background)
     return [shape_element(choice(rng, SHAPES), pick_colour(rng, tuple(OBJECT_COLOURS), bg + list(away)),
-                          shape_box(places[i], "small", h, w)) for i in chosen]
+                          shape_box(places[i], h, w)) for i in chosen]
 
 
 def random_figure(rng, backgrounds, avoid_garment=None) -> dict:
@@ -124,16 +124,16 @@ def animal_scene(rng, size1, size2) -> Case:
     (h1, w1), (h2, w2) = size1, size2
     bg1 = random_background(rng)
     bg2 = random_background(rng, ("flat", "gradient"), avoid=bg1)
-    place, shape, size = choice(rng, PLACES), choice(rng, SHAPES), choice(rng, tuple(SHAPE_SIZES))
+    place, shape = choice(rng, PLACES), choice(rng, SHAPES)
     colour = pick_colour(rng, tuple(OBJECT_COLOURS), background_samples(bg1) + background_samples(bg2))
     free = [p for p in PLACES if p != place]
     ref1 = scene(size1, bg1, distractors(rng, size1, bg1, free, int(rng.integers(1, 4))))
-    # In image 2 the object sits elsewhere, so returning image 2 is never already the edit.
-    ref2 = scene(size2, bg2, [shape_element(shape, colour, shape_box(choice(rng, free), size, h2, w2))])
+    # Image 2's object is centred, as in a product photo (WORLD_VERSION 4); image 2's own background
+    # keeps a returned image 2 from ever passing as the edit.
+    ref2 = scene(size2, bg2, [shape_element(shape, colour, shape_box("center", h2, w2))])
     target = copy.deepcopy(ref1)
-    target["elements"].append(shape_element(shape, colour, shape_box(place, size, h1, w1)))
-    roles = {"scene_from": 1, "object": {"from": 2, "shape": shape, "colour": colour, "size": size},
-             "place": place}
+    target["elements"].append(shape_element(shape, colour, shape_box(place, h1, w1)))
+    roles = {"scene_from": 1, "object": {"from": 2, "shape": shape, "colour": colour}, "place": place}
     plan = make_plan("animal_scene", [ref1, ref2], target, ref1, [len(target["elements"]) - 1], [], roles)
     return Case("animal_scene", [ref1, ref2], target, templates.animal_instruction(rng, shape, place), plan)
 
@@ -188,19 +188,18 @@ def style_transfer(rng, size1, size2) -> Case:
     c2 = pick_colour(rng, objects, [rgb(b2), rgb(c1), rgb(b1)])  # it lands on image 1's background
     p2 = pick_colour(rng, objects, [rgb(b1), rgb(b2), rgb(c1), rgb(c2)])
     t2 = choice(rng, TEXTURES if mode == "palette" else TEXTURES[1:])
-    layout = [(PLACES[i], choice(rng, SHAPES), choice(rng, tuple(SHAPE_SIZES)))
-              for i in rng.permutation(9)[:int(rng.integers(2, 5))]]
+    layout = [(PLACES[i], choice(rng, SHAPES)) for i in rng.permutation(9)[:int(rng.integers(2, 5))]]
     ref1 = scene(size1, {"kind": "flat", "colour": b1},
-                 [shape_element(s, c1, shape_box(p, z, h1, w1)) for p, s, z in layout])
+                 [shape_element(s, c1, shape_box(p, h1, w1)) for p, s in layout])
     ref2 = scene(size2, {"kind": "flat", "colour": b2},
-                 [shape_element(choice(rng, SHAPES), c2, shape_box(PLACES[i], choice(rng, tuple(SHAPE_SIZES)), h2, w2),
+                 [shape_element(choice(rng, SHAPES), c2, shape_box(PLACES[i], h2, w2),
                                 t2, p2 if t2 != "solid" else None)
                   for i in rng.permutation(9)[:int(rng.integers(2, 4))]])
     # The style goes onto image 1's shapes; its background stays (WORLD_VERSION 3: an edit of image 1).
     background, colour = b1, (c1 if mode == "texture" else c2)
     texture, colour2 = ("solid", None) if mode == "palette" else (t2, p2)
     target = scene(size1, {"kind": "flat", "colour": background},
-                   [shape_element(s, colour, shape_box(p, z, h1, w1), texture, colour2) for p, s, z in layout])
+                   [shape_element(s, colour, shape_box(p, h1, w1), texture, colour2) for p, s in layout])
     every = list(range(len(layout)))
     roles = {"mode": mode, "layout_from": 1, "style_from": 2, "background": background, "colour": colour,
              "texture": texture, "colour2": colour2}

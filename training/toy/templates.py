@@ -92,9 +92,9 @@ SINGLE_TEMPLATES = {
         "Shift the {old} {shape} {place}.",
     ),
     "add": (
-        "Add a {size} {colour} {shape} {place}.",
-        "Draw a {size} {colour} {shape} {place}.",
-        "Place a {size} {colour} {shape} {place}.",
+        "Add a {colour} {shape} {place}.",
+        "Draw a {colour} {shape} {place}.",
+        "Place a {colour} {shape} {place}.",
     ),
     "remove": (
         "Remove the {shape}.",

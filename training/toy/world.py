@@ -28,7 +28,9 @@ from .templates import vocabulary
 log = logging.getLogger(__name__)
 
 WORLD_NAME = "DualShapes"
-WORLD_VERSION = 3  # 2: block rendering (scene.CELL); 3: group portrait and style transfer edit image 1
+# 2: block rendering (scene.CELL); 3: group portrait and style transfer edit image 1;
+# 4: geometry on the token grid (scene.TOKEN), one shape size, image 2's object centred
+WORLD_VERSION = 4
 ALL_TASKS = TASKS + SINGLE_TASKS
 _BUILDERS = {**BUILDERS, "single_edit": single_edit}
 _SPLIT_CODE = {"train": 0, "test": 1}
