@@ -27,8 +27,7 @@ def _shapes(rng, size, background, count) -> tuple[list[dict], list[str]]:
         if rng.random() < 0.2:
             texture = choice(rng, TEXTURES[1:])
             colour2 = pick_colour(rng, tuple(OBJECT_COLOURS), bg + [rgb(colour)])
-        elements.append(shape_element(kind, colour, shape_box(place, h, w),
-                                      texture, colour2))
+        elements.append(shape_element(kind, colour, shape_box(place, h, w), texture, colour2))
     return elements, places
 
 
