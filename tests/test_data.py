@@ -91,6 +91,14 @@ def test_buckets_group_equal_shapes_and_resume_mid_epoch():
     assert next(resumed) == first[6] and next(resumed) == first[7]
 
 
+def test_task_repeats_show_a_sample_that_many_times_per_epoch():
+    keys = [("a",)] * 8
+    repeats = [3, 1, 1, 1, 1, 1, 1, 1]  # sample 0 belongs to a task repeated three times
+    batches = BucketBatches(keys, batch_size=2, seed=0, repeats=repeats)
+    seen = [i for b in batches.epoch(0) for i in b]
+    assert len(batches) == 5 and sorted(seen) == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]
+
+
 def test_mixed_aspect_references_get_their_own_buckets(tmp_path, bundle):
     rng = np.random.default_rng(0)
     rows = []

@@ -78,6 +78,37 @@ def test_resume_mid_epoch_gives_the_same_weights(micro, world, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_a_ctrl_c_inside_the_optimizer_step_waits_for_the_step_counter(micro, world, tmp_path):
+    """A real SIGINT sent from inside Adam's step: it lands once the step counter has moved, so the
+    checkpoint it triggers names the weights it holds and ``resume`` matches an uninterrupted run."""
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    sections = {"train": {"max_steps": 7}, "run": {"checkpoint_every": 0, "val_at_start": False}}
+    straight = train(sft_config(micro, world, tmp_path / "a", **sections))
+    steps = []
+
+    def ctrl_c_at_step_5(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = sft_config(micro, world, tmp_path / "b", **sections)
+    hook = register_optimizer_step_post_hook(ctrl_c_at_step_5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        hook.remove()
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step_0000005"]
+    resumed = train(cfg, resume=True)
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_learned_gates_match_dual_rope_strengths_and_are_saved(micro, world, tmp_path):
     from dual_rope.diffusers_adapter import dual_reference_forward, prepare_references
     from training.flow import FlowMatchingModel
@@ -172,6 +203,16 @@ def test_config_files_overrides_and_errors(tmp_path):
         load_config(yaml_file, ["train.layout=diag"]).validate()
     with pytest.raises(ConfigError, match="data.manifest is required"):
         load_config(None, ["model.path=x"]).validate()
+    with pytest.raises(ConfigError, match="data.task_repeats.person_scene must be a whole number"):
+        load_config(yaml_file, ["data.task_repeats.person_scene=0.5"]).validate()
+
+
+def test_task_repeats_naming_a_task_the_data_lacks_is_refused(micro, world, tmp_path):
+    from training.config import ConfigError
+
+    cfg = sft_config(micro, world, tmp_path / "run", data={"task_repeats": {"person_scen": 2}})
+    with pytest.raises(ConfigError, match="person_scen, which no training sample has; the tasks here are animal_scene"):
+        train(cfg)
 
 
 def test_bf16_with_gradient_checkpointing_trains(micro, world, tmp_path):

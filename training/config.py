@@ -49,6 +49,7 @@ class DataConfig:
     skip_bad: bool = False
     max_pixels: int = 512 * 512  # images larger than this area are scaled down, aspect ratio kept
     batch_size: int = 1  # global: split evenly over the processes
+    task_repeats: dict[str, int] = field(default_factory=dict)  # {"person_scene": 2}: twice per epoch
     preload: bool = True  # keep cached latents in memory (small data); False reads them per batch
 
 
@@ -137,6 +138,11 @@ class SFTConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
+        if not isinstance(self.data.task_repeats, dict):
+            raise ConfigError(f"data.task_repeats must map task names to counts, got {self.data.task_repeats!r}")
+        for task, times in self.data.task_repeats.items():
+            if not (isinstance(times, int) and times >= 1):
+                raise ConfigError(f"data.task_repeats.{task} must be a whole number >= 1, got {times!r}")
         if not self.data.manifest:
             raise ConfigError("data.manifest is required: the JSONL manifest to train on")
         if not (self.model.path or self.model.transformer):

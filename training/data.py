@@ -192,16 +192,16 @@ class BucketBatches:
     """Deterministic batches of equal-shape samples.
 
     ``keys[i]`` is sample i's bucket (its latent shapes). Each epoch shuffles within buckets with
-    ``(seed, epoch)``, cuts full batches (a bucket's remainder waits for another epoch's shuffle, so
+    ``(seed, epoch)`` (a repeated sample is in its bucket that many times), cuts full batches (a bucket's remainder waits for another epoch's shuffle, so
     every batch splits evenly across processes) and shuffles the batch order. A position is
     ``(epoch, index)``, so a run resumes mid-epoch on exactly the batch it would have seen.
     """
 
-    def __init__(self, keys: list, batch_size: int, seed: int = 0):
+    def __init__(self, keys: list, batch_size: int, seed: int = 0, repeats: list[int] | None = None):
         self.batch_size, self.seed = batch_size, seed
         self.buckets: dict = {}
-        for i, key in enumerate(keys):
-            self.buckets.setdefault(key, []).append(i)
+        for i, key in enumerate(keys):  # ``repeats[i]``: how often sample i comes in each epoch
+            self.buckets.setdefault(key, []).extend([i] * (repeats[i] if repeats else 1))
         small = {k: len(v) for k, v in self.buckets.items() if len(v) < batch_size}
         if small:
             log.warning("%d shape bucket(s) hold fewer samples than the batch (%d) and are never used: %s",

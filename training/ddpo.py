@@ -33,7 +33,7 @@ import torch
 from judge.pool import JudgePool, collect
 from judge.verdict import QUESTIONS, Unjudged
 
-from . import ddpo_state
+from . import ddpo_state, interrupts
 from .cache import CachedDataset, EmbeddingCache, prepare_cache
 from .config import ConfigError
 from .data import load_manifest, to_uint8
@@ -220,7 +220,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                                         overlap=overlap, autocast=autocast)
             table = accelerator.reduce(reward_table(rollouts, len(slots)), "sum")  # each row from its owner
             retries = int(accelerator.reduce(torch.tensor([rollouts.retries]), "sum"))
-            if world == 1:
+            if main:  # the only process that saves on Ctrl-C
                 before = ddpo_state.snapshot(params, optimizer, baseline, tracker)
             advantages, adv_stats = compute_advantages(table, slots, keys, baseline, tracker, cfg)
             if world > 1:  # every process computed these from the same gathered table: they must agree
@@ -252,15 +252,18 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                 on_iteration(completed)
     except KeyboardInterrupt:
         bar.close()
-        judge_pool.close(close_judge=owns_judge)
-        if before is not None:
-            ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker)
-        if completed != saved and main:
-            # Every process holds the same weights, optimizer and baseline after each completed
-            # iteration (DDP), so the main process saves alone, without a barrier: the others may
-            # already be gone.
-            log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
-            checkpoint_now(completed, barrier=False)
+        try:
+            with interrupts.deferred():  # torchrun forwards a second SIGINT: put back and save first
+                if before is not None:
+                    ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker)
+                if completed != saved and main:
+                    # Every process holds the same weights, optimizer and baseline after each completed
+                    # iteration (DDP), so the main process saves alone, without a barrier: the others
+                    # may already be gone.
+                    log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
+                    checkpoint_now(completed, barrier=False)
+        finally:
+            judge_pool.close(close_judge=owns_judge)
         raise
     bar.close()
     if saved != cfg.ddpo.iterations:

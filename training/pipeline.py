@@ -240,29 +240,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _sigterm_interrupts():
-    """SIGTERM (a scheduler's or ``kill``'s stop) takes the Ctrl-C path: checkpoint, then exit 130.
-    Returns the handler it replaced (None off the main thread, where none can be set)."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGTERM, interrupt)
-    return None
-
-
 def main(argv=None) -> int:
-    import signal
+    from .interrupts import sigterm_interrupts
 
-    previous = _sigterm_interrupts()
-    try:
+    with sigterm_interrupts():  # a scheduler's or ``kill``'s stop takes the Ctrl-C path: checkpoint, exit 130
         return _main(argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv=None) -> int:

@@ -47,9 +47,11 @@ def main(argv=None) -> int:
         overrides.append("run.progress=false")
     try:
         cfg = load_config(args.config, overrides).validate()
+        from .interrupts import sigterm_interrupts
         from .trainer import train
 
-        result = train(cfg, resume=args.resume)
+        with sigterm_interrupts():  # a scheduler's or torchrun's stop takes the Ctrl-C path: checkpoint
+            result = train(cfg, resume=args.resume)
     except (ConfigError, ManifestError, ModelFileError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

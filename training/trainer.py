@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import interrupts
 from .cache import CachedDataset, EmbeddingCache, prepare_cache
 from .checkpoint import TrainState, find_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint, \
     save_checkpoint, save_sharded_checkpoint
@@ -84,6 +85,16 @@ def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path):
         accelerator.wait_for_everyone()
     bundle.release("text_encoder", "text_encoder_2")
     return datasets[0], datasets[1]
+
+
+def task_repeats(cfg: SFTConfig, dataset: CachedDataset) -> list[int]:
+    """Each training sample's count per epoch (``data.task_repeats``; 1 for tasks it does not name)."""
+    tasks = [e.record.sample.task for e in dataset.entries]
+    unknown = sorted(set(cfg.data.task_repeats) - set(tasks))
+    if unknown:
+        raise ConfigError(f"data.task_repeats names {', '.join(unknown)}, which no training sample has; "
+                          f"the tasks here are {', '.join(sorted(set(tasks)))}")
+    return [cfg.data.task_repeats.get(task, 1) for task in tasks]
 
 
 def build_model(cfg: SFTConfig, bundle) -> FlowMatchingModel:
@@ -174,7 +185,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
 
     # -- data -----------------------------------------------------------------------------------
     dataset, val_dataset = prepare_data(cfg, bundle, accelerator, run_dir)
-    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed)
+    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed, task_repeats(cfg, dataset))
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {world} processes")
@@ -252,12 +263,13 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
                     [p.grad.norm() for p in trainable if p.grad is not None])))
             backward_time = time.perf_counter() - start - data_time
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with interrupts.deferred():  # the weights and the step counter move together
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step, state.epoch, state.position = state.step + 1, epoch, index + 1
+                state.samples += cfg.data.batch_size
             step_time = time.perf_counter() - start
-            state.step, state.epoch, state.position = state.step + 1, epoch, index + 1
-            state.samples += cfg.data.batch_size
             mean_loss = float(accelerator.reduce(loss.detach(), "mean"))
             window.append(mean_loss)
             bar.update(1)
@@ -282,7 +294,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             # need every process: there a rerun resumes from the last periodic checkpoint.)
             if main:
                 log.warning("interrupted at step %d: saving a checkpoint to resume from", state.step)
-            checkpoint_now(barrier=False)
+            with interrupts.deferred():  # torchrun forwards a second SIGINT: let the save finish first
+                checkpoint_now(barrier=False)
         bar.close()
         raise
     bar.close()
