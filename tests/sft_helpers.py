@@ -6,6 +6,9 @@ in a few seconds; tests that need the *pretrained* toy base say so. Nothing is d
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from training.config import SFTConfig
@@ -67,18 +70,30 @@ def largest_relative_difference(one: dict, two: dict, tolerance: float) -> float
     return worst
 
 
+def torchrun_command(module: str, config: Path, out: Path, processes: int, *extra: str) -> list[str]:
+    """``python -m <module> --config ... --out ... --quiet`` on ``processes`` gloo processes via torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", module, "--config", str(config), "--out", str(out), "--quiet", *extra]
+
+
+def one_thread_env(repo: Path) -> dict:
+    """Each process on one thread (two share the 2 cores), importing this checkout."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+
+
+def run_to_completion(cmd: list[str], repo: Path) -> None:
+    done = subprocess.run(cmd, cwd=repo, env=one_thread_env(repo), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def ctrl_c_when(cmd: list[str], metrics_path: Path, min_step: int, log_path: Path, cwd: Path) -> int:
     """Run ``cmd`` in its own process group, send that group SIGINT (a terminal's Ctrl-C) once
     ``metrics_path`` has a row with ``step >= min_step``, and return the exit status."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(cwd))
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=one_thread_env(cwd), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []

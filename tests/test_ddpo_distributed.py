@@ -12,30 +12,23 @@ normalised steps, the LoRA weights by a little. Tolerances: rewards 1e-5 absolut
 advantages' signs and the weights by their own size.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from ddpo_helpers import ddpo_values, metrics, micro_setup
-from sft_helpers import ctrl_c_when, largest_relative_difference
+from sft_helpers import ctrl_c_when, largest_relative_difference, run_to_completion, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _command(config: Path, out: Path, processes: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "-m", "training.ddpo", "--config", str(config), "--out", str(out), "--quiet"]
+    return torchrun_command("training.ddpo", config, out, processes)
 
 
 def _run(config: Path, out: Path, processes: int):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run(_command(config, out, processes), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_to_completion(_command(config, out, processes), REPO)
     return load_file(out / "dualref_ddpo.safetensors"), metrics(out)
 
 

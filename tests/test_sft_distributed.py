@@ -10,29 +10,23 @@ Tolerance, per LoRA tensor after 4 Adam steps at lr 2e-3: max |difference| <= 2e
 differences of the order of the weights themselves. The logged losses agree to 1e-5.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from sft_helpers import ctrl_c_when, largest_relative_difference, micro_model, micro_world
+from sft_helpers import ctrl_c_when, largest_relative_difference, micro_model, micro_world, run_to_completion, \
+    torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _command(config: Path, out: Path, processes: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "-m", "training.sft", "--config", str(config), "--out", str(out), "--quiet"]
+    return torchrun_command("training.sft", config, out, processes)
 
 
 def _run(config: Path, out: Path, processes: int, *extra: str):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = _command(config, out, processes) + list(extra)
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_to_completion(_command(config, out, processes) + list(extra), REPO)
     return load_file(out / "lora.safetensors"), [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
