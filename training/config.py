@@ -141,7 +141,7 @@ class SFTConfig:
         if not isinstance(self.data.task_repeats, dict):
             raise ConfigError(f"data.task_repeats must map task names to counts, got {self.data.task_repeats!r}")
         for task, times in self.data.task_repeats.items():
-            if not (isinstance(times, int) and times >= 1):
+            if isinstance(times, bool) or not (isinstance(times, int) and times >= 1):
                 raise ConfigError(f"data.task_repeats.{task} must be a whole number >= 1, got {times!r}")
         if not self.data.manifest:
             raise ConfigError("data.manifest is required: the JSONL manifest to train on")

@@ -191,9 +191,10 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 class BucketBatches:
     """Deterministic batches of equal-shape samples.
 
-    ``keys[i]`` is sample i's bucket (its latent shapes). Each epoch shuffles within buckets with
-    ``(seed, epoch)`` (a repeated sample is in its bucket that many times), cuts full batches (a bucket's remainder waits for another epoch's shuffle, so
-    every batch splits evenly across processes) and shuffles the batch order. A position is
+    ``keys[i]`` is sample i's bucket (its latent shapes); a sample with ``repeats[i]`` = n is in it n
+    times. Each epoch shuffles within buckets with ``(seed, epoch)``, cuts full batches (a bucket's
+    remainder waits for another epoch's shuffle, so every batch splits evenly across processes) and
+    shuffles the batch order. A position is
     ``(epoch, index)``, so a run resumes mid-epoch on exactly the batch it would have seen.
     """
 
