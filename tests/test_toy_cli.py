@@ -10,7 +10,7 @@ import json
 import pytest
 
 from training.toy import __main__ as toy_cli
-from training.toy.tables import summarise, table2_markdown, wins
+from training.toy.tables import gains_markdown, paired_gains, summarise, table2_markdown, wins
 
 SMOKE = ["--train", "3", "--test", "1", "--layouts", "offset", "diagonal", "--quiet",
          "--recipe", "single_train=8", "--recipe", "single_test=2", "--recipe", "vae_images=16",
@@ -34,6 +34,23 @@ def test_summary_and_table_shape():
     assert wins(better, s) == []
 
 
+def test_paired_gains_pair_samples_by_id():
+    def rows(task, rewards):
+        return [{"id": f"{task}-{i}", "task": task, "reward": r} for i, r in enumerate(rewards)]
+
+    base = rows("animal_scene", [0.0, 1 / 3, 1.0, 2 / 3]) + rows("person_scene", [1.0, 1.0])
+    # The same samples in another order; person gains nothing, animal +1/3 on three of four samples.
+    other = rows("animal_scene", [1 / 3, 2 / 3, 1.0, 1.0])[::-1] + rows("person_scene", [1.0, 1.0])
+    gains = paired_gains(base, other)
+    mean, se, n = gains["animal_scene"]
+    assert n == 4 and mean == pytest.approx(0.25) and se == pytest.approx((1 / 3) / 2 / 2)
+    assert gains["person_scene"] == (0.0, 0.0, 2) and "style_transfer" not in gains
+    assert paired_gains(base, rows("animal_scene", [1.0]) + rows("group_portrait", [1.0])) == \
+        {"animal_scene": (1.0, pytest.approx(float("nan"), nan_ok=True), 1)}
+    table = gains_markdown([("SFT - base", gains)])
+    assert table.splitlines()[2] == "| SFT - base | +0.250 ± 0.083 | +0.000 ± 0.000 | - | - | - |"
+
+
 def test_cli_builds_prints_and_reruns_from_cache(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = SMOKE + ["--out", str(tmp_path / "toy"), "--cache-dir", str(tmp_path / "cache")] + SFT + \
@@ -42,9 +59,14 @@ def test_cli_builds_prints_and_reruns_from_cache(tmp_path, capsys, monkeypatch):
     first = capsys.readouterr().out
     assert "Base Table 2" in first and "| Base (offset) |" in first and "| Base (diagonal) |" in first
     assert "| SFT (offset) |" in first and "| SFT (diagonal) |" in first
+    assert "| SFT - base (offset) |" in first and "| SFT - base (diagonal) |" in first
     assert "single_edit" in first or "Single" in first
     evals = sorted((tmp_path / "toy" / "evals").glob("eval-*.json"))
     assert len(evals) == 1 + 2 + 2  # single_edit, base x 2 layouts, SFT x 2 layouts
+    for path in evals:  # per-sample verdicts beside the summary, one per judged sample
+        saved = json.loads(path.read_text())
+        assert len(saved["samples"]) == saved["summary"]["mean"]["n"]
+        assert {"id", "task", "fidelity", "consistency", "realism", "reward"} <= set(saved["samples"][0])
     for layout in ("offset", "diagonal"):
         run = json.loads((tmp_path / "toy" / f"sft-{layout}" / "toy_run.json").read_text())
         assert run["steps"] == 2 and run["seconds"] > 0

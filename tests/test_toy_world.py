@@ -116,6 +116,7 @@ def test_edits_stand_out_from_what_lies_under_them():
 
 
 def test_plans_say_which_attribute_comes_from_which_reference():
+    scales = set()
     for i in range(30):
         s = make_sample("animal_scene", 1, i)
         ref2_object = s.plan["refs"][1]["elements"][0]
@@ -130,7 +131,10 @@ def test_plans_say_which_attribute_comes_from_which_reference():
         source = s.plan["refs"][1]["elements"][0]
         assert all(figure[k] == source[k] for k in ("skin", "garment", "texture", "colour2", "legs", "pose"))
         height = figure["box"][3] - figure["box"][1]
-        assert height > 40 if s.plan["roles"]["scale"] == "large" else height < 30
+        source_height = source["box"][3] - source["box"][1]
+        scale = s.plan["roles"]["scale"]
+        scales.add(scale)
+        assert {"small": height < 30, "medium": height == source_height, "large": height > 40}[scale]
         column = _centre(figure["box"])[0] / 64
         assert abs(column - toy_scene.FIGURE_COLUMNS[s.plan["roles"]["side"]]) < 0.05
 
@@ -159,6 +163,7 @@ def test_plans_say_which_attribute_comes_from_which_reference():
         garment = ("garment", "texture", "colour2")
         assert [after[k] for k in garment] == [donor[k] for k in garment]
         assert after["garment"] != before["garment"]
+    assert scales == {"small", "medium", "large"}  # medium keeps image 2's size (world v5)
 
 
 def test_geometry_sits_on_the_token_grid_so_a_move_is_a_whole_token_shift():

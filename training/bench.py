@@ -91,7 +91,7 @@ def default_manifest() -> Path:
     manifest = DEFAULT_WORLD / "manifest.jsonl"
     if not manifest.is_file():
         print(f"generating the toy world in {DEFAULT_WORLD} (test split) ...", file=sys.stderr)
-        generate_world(DEFAULT_WORLD, seed=0, train=0, test=32)
+        generate_world(DEFAULT_WORLD, seed=0, train=0, test=64)
     return manifest
 
 

@@ -120,7 +120,7 @@ class DDPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DDPODataConfig = field(default_factory=DDPODataConfig)
     # With data.manifest empty: the toy world to generate into <out>/world (training.toy.world.generate_world's
-    # keyword arguments, e.g. {"seed": 0, "train": 256, "test": 32, "tasks": [...]}).
+    # keyword arguments, e.g. {"seed": 0, "train": 256, "test": 64, "tasks": [...]}).
     world: dict | None = None
     sft_config: str | None = None  # no lora.sft: run this SFT config first (main job), into <out>/sft
     # model.path "toy": overrides of training.toy_base's recipe (e.g. a seconds-long base for tests)

@@ -4,7 +4,7 @@
     python -m training.toy --sft-table         # ... + one SFT run per layout, base vs SFT per layout
     python -m training.toy --sft-table --markdown docs/toy_tables.md
 
-Steps: (1) generate the world the main job uses (seed 0, 256 train / 32 test per dual task, 64 px;
+Steps: (1) generate the world the main job uses (seed 0, 256 train / 64 test per dual task, 64 px;
 see training/configs/toy_ddpo.json "world") under ``<out>/world``; (2) build or reuse the toy base
 (training/toy_base.py, cached under ``$DUALREF_CACHE`` or ~/.cache/dualref); (3) judge the base on
 its own held-out single_edit split, then on the five dual tasks' test split with the two references
@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="folder for world/, evals/ and sft-<layout>/ (default: runs/toy)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0, the main job's)")
     p.add_argument("--train", type=int, default=256, help="training samples per dual task (default 256)")
-    p.add_argument("--test", type=int, default=32, help="test samples per dual task (default 32)")
+    p.add_argument("--test", type=int, default=64, help="test samples per dual task (default 64)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--layouts", nargs="+", default=list(DEFAULT_LAYOUTS),
                    choices=("offset", "index", "diagonal", "uxo"), help="layouts to evaluate (default: %(default)s)")
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from ..models import load_kontext
     from ..toy_base import toy_base
-    from .tables import evaluate, questions_markdown, table2_markdown, wins
+    from .tables import evaluate, gains_markdown, paired_gains, questions_markdown, table2_markdown, wins
     from .world import generate_world
 
     started = time.perf_counter()
@@ -137,8 +137,9 @@ def main(argv=None) -> int:
     bundle = functools.lru_cache(maxsize=1)(lambda: load_kontext(base))  # loaded only if an eval is not cached
     single = evaluate(base, Path(info["world"]) / "manifest.jsonl", evals, layout="diagonal",
                       judge_mode=args.judge_mode, bundle=bundle, progress=progress)
-    base_rows = {layout: evaluate(base, manifest, evals, layout=layout, judge_mode=args.judge_mode, bundle=bundle,
-                                  progress=progress) for layout in args.layouts}
+    base_evals = {layout: evaluate(base, manifest, evals, layout=layout, judge_mode=args.judge_mode, bundle=bundle,
+                                   progress=progress, with_samples=True) for layout in args.layouts}
+    base_rows = {layout: summary for layout, (summary, _) in base_evals.items()}
     vae, pre = info.get("vae", {}), info.get("pretrain", {})
     text = [f"toy base {base.name}: built in {info.get('build_seconds', 0):.0f} s (VAE {vae.get('seconds', 0):.0f} s, "
             f"PSNR {vae.get('psnr', 0):.2f} dB; {pre.get('steps')} pretraining steps)",
@@ -147,17 +148,20 @@ def main(argv=None) -> int:
             "", f"Base Table 2 ({args.judge_mode} ToyJudge reward, test split, references fed naively):", "",
             table2_markdown([(f"Base ({layout})", s) for layout, s in base_rows.items()])]
     if args.sft_table:
-        rows, notes = [], []
+        rows, gains, notes = [], [], []
         for layout in args.layouts:
             lora, seconds = sft_run(base, manifest, args.out / f"sft-{layout}", layout, args)
-            sft = evaluate(base, manifest, evals, layout=layout, lora=lora, judge_mode=args.judge_mode,
-                           bundle=bundle, progress=progress)
+            sft, samples = evaluate(base, manifest, evals, layout=layout, lora=lora, judge_mode=args.judge_mode,
+                                    bundle=bundle, progress=progress, with_samples=True)
             won = wins(base_rows[layout], sft)
             rows += [(f"Base ({layout})", base_rows[layout]), (f"SFT ({layout})", sft)]
+            gains.append((f"SFT - base ({layout})", paired_gains(base_evals[layout][1], samples)))
             notes.append(f"- {layout}: SFT trained {seconds:.0f} s; beats the base on {len(won)}/5 tasks"
                          + ("" if len(won) == 5 else f" (not on {', '.join(t for t in TASKS if t not in won)})"))
         text += ["", f"SFT vs base per layout (SFT trained and sampled with that layout; {args.judge_mode} reward):",
                  "", table2_markdown(rows), ""] + notes
+        text += ["", "SFT's gain per task, paired over the same test samples (mean ± standard error):", "",
+                 gains_markdown(gains)]
     text += ["", f"(total {time.perf_counter() - started:.0f} s this run)"]
     print("\n".join(text))
     if args.markdown:

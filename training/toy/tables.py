@@ -41,10 +41,11 @@ def summarise(rows: list[tuple[str, dict]]) -> dict:
 
 def evaluate(model_dir, manifest, out_dir, *, layout: str, split: str = "test", lora=None, tasks=None,
              judge_mode: str = "binary", steps: int | None = None, seed: int = 0, bundle=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, with_samples: bool = False):
     """Judged summary (:func:`summarise`) of ``model_dir`` (+ ``lora``) on ``split`` under ``layout``,
     cached in ``out_dir`` (``eval-<key>.json``); ``bundle``: the loaded model, or a function that
-    returns it (called only when the result is not cached)."""
+    returns it (called only when the result is not cached). ``with_samples``: return
+    ``(summary, per-sample verdicts)`` instead, for :func:`paired_gains`."""
     model_dir, manifest = Path(model_dir), Path(manifest)
     settings = json.loads((model_dir / "dualref.json").read_text())
     identity = {"model": settings.get("fingerprint") or str(model_dir), "lora": file_digest(lora) if lora else None,
@@ -53,7 +54,11 @@ def evaluate(model_dir, manifest, out_dir, *, layout: str, split: str = "test", 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(out_dir) / f"eval-{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())["summary"]
+        saved = json.loads(path.read_text())
+        if not with_samples:
+            return saved["summary"]
+        if "samples" in saved:  # files written before per-sample verdicts were kept are judged again
+            return saved["summary"], saved["samples"]
     from judge.toy import ToyJudge
 
     from ..evaluate import sample_split
@@ -64,18 +69,21 @@ def evaluate(model_dir, manifest, out_dir, *, layout: str, split: str = "test", 
     outputs = sample_split(bundle, manifest, split=split, lora=lora, layout=layout, tasks=tasks, steps=steps,
                            seed=seed, max_pixels=size_limit(manifest), progress=progress)
     judge = ToyJudge(judge_mode)
-    rows = []
+    rows, per_sample = [], []
     for o in outputs:
         verdict = judge.judge(o.judge_request())
-        rows.append((o.sample.task, {"fidelity": verdict.fidelity, "consistency": verdict.consistency,
-                                     "realism": verdict.realism, "reward": verdict.reward}))
+        scores = {"fidelity": verdict.fidelity, "consistency": verdict.consistency, "realism": verdict.realism,
+                  "reward": verdict.reward}
+        rows.append((o.sample.task, scores))
+        per_sample.append({"id": o.sample.id, "task": o.sample.task, **scores})
     summary = summarise(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"identity": identity, "summary": summary,
+    # Per-sample verdicts too, so a table can be broken down (by operation, scale, place) afterwards.
+    tmp.write_text(json.dumps({"identity": identity, "summary": summary, "samples": per_sample,
                                "seconds": round(time.perf_counter() - start, 1)}, indent=1, sort_keys=True))
     tmp.replace(path)
-    return summary
+    return (summary, per_sample) if with_samples else summary
 
 
 def size_limit(manifest: Path) -> int:
@@ -113,3 +121,28 @@ def questions_markdown(label: str, summary: dict) -> str:
 def wins(base: dict, sft: dict, tasks=tuple(TABLE2_COLUMNS)) -> list[str]:
     """The tasks where ``sft``'s mean reward is strictly above ``base``'s."""
     return [t for t in tasks if t in sft and sft[t]["reward"] > base.get(t, {}).get("reward", float("inf"))]
+
+
+def paired_gains(base: list[dict], other: list[dict], tasks=tuple(TABLE2_COLUMNS)) -> dict:
+    """Per task, ``other``'s reward minus ``base``'s over the samples both judged (paired by id: the same
+    references, instruction and starting noise): ``{task: (mean, standard error, n)}``. The pairing
+    removes most of the between-sample spread, so a gain of two standard errors is not test-split luck."""
+    by_id = {(s["task"], s["id"]): s["reward"] for s in base}
+    out = {}
+    for task in tasks:
+        diffs = np.array([s["reward"] - by_id[(task, s["id"])] for s in other
+                          if s["task"] == task and (task, s["id"]) in by_id])
+        if diffs.size:
+            se = float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else float("nan")
+            out[task] = (float(diffs.mean()), se, int(diffs.size))
+    return out
+
+
+def gains_markdown(rows: list[tuple[str, dict]], tasks=tuple(TABLE2_COLUMNS)) -> str:
+    """A markdown table of :func:`paired_gains` rows: ``+mean ± se`` per task."""
+    header = ["Gain"] + [TABLE2_COLUMNS.get(t, t) for t in tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(tasks)) + "|"]
+    for label, gains in rows:
+        cells = [f"{gains[t][0]:+.3f} ± {gains[t][1]:.3f}" if t in gains else "-" for t in tasks]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)

@@ -30,6 +30,7 @@ SKIN_CONTRAST = 80.0  # faces against backgrounds (only two skin tones exist)
 SKIES = ("sky", "lavender", "cream", "navy")
 GROUNDS = ("grass", "sand", "slate", "mint")
 GROUP_SLOTS = {"left": 0.25, "right": 0.75}
+PERSON_SCALES = ("small", "medium", "large")  # person_scene: image 2's figure is medium
 
 
 class NoChoice(RuntimeError):
@@ -143,7 +144,9 @@ def person_scene(rng, size1, size2) -> Case:
     bg1 = random_background(rng, ("horizon", "horizon", "flat", "gradient"))
     bg2 = random_background(rng, ("flat", "gradient"), avoid=bg1)
     look = random_figure(rng, [bg1, bg2])
-    side, scale = choice(rng, tuple(FIGURE_COLUMNS)), choice(rng, ("small", "large"))
+    # Medium keeps image 2's size (WORLD_VERSION 5): a figure put into a scene is as often left at its
+    # own size as scaled, and small / large still ask for the rescale.
+    side, scale = choice(rng, tuple(FIGURE_COLUMNS)), choice(rng, PERSON_SCALES)
     top_row = [p for p, col in zip(PLACES[:3], FIGURE_COLUMNS) if col != side]
     ref1 = scene(size1, bg1, distractors(rng, size1, bg1, top_row, int(rng.integers(0, 3))))
     ref2 = scene(size2, bg2, [placed(look, figure_box("medium", 0.5, h2, w2))])

@@ -26,7 +26,7 @@ PLACE_PHRASES = {
 }
 SIDE_PHRASES = {"left": ("on the left", "at the left"), "center": ("in the middle", "at the center"),
                 "right": ("on the right", "at the right")}
-SCALE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+SCALE_WORDS = {"small": ("small", "little"), "medium": ("medium", "regular"), "large": ("large", "big")}
 ANIMAL_NOUNS = ("animal", "creature", "object")  # or the shape's own name
 PERSON_NOUNS = (("person", "people"), ("figure", "figures"))
 
@@ -161,7 +161,7 @@ def vocabulary() -> list[str]:
     texts += [" ".join(pair) for pair in REF_NAMES]
     texts += [p for ps in PLACE_PHRASES.values() for p in ps] + [p for ps in SIDE_PHRASES.values() for p in ps]
     texts += [w for ws in SCALE_WORDS.values() for w in ws] + list(ANIMAL_NOUNS) + [" ".join(p) for p in PERSON_NOUNS]
-    texts += list(SHAPES) + list(OBJECT_COLOURS) + list(BACKGROUND_COLOURS) + ["small large"] + list(PLACES)
+    texts += list(SHAPES) + list(OBJECT_COLOURS) + list(BACKGROUND_COLOURS) + ["small medium large"] + list(PLACES)
     words = set()
     for text in texts:
         words.update(re.findall(r"[a-z0-9]+|[.,:]", re.sub(r"\{[a-z0-9]+\}", " ", text.lower())))

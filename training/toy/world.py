@@ -1,6 +1,6 @@
 """Generate the DualShapes world: PNGs, ``manifest.jsonl`` (DESIGN contract 5) and ``world.json``.
 
-    python -m training.toy.world --out runs/toy/world --seed 0 --train 256 --test 32
+    python -m training.toy.world --out runs/toy/world --seed 0 --train 256 --test 64
 
 ``--train``/``--test`` are per task (the five dual tasks); ``single_edit`` gets ``--single-train`` /
 ``--single-test`` (default: the same). Each sample is drawn from its own seeded stream
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 WORLD_NAME = "DualShapes"
 # 2: block rendering (scene.CELL); 3: group portrait and style transfer edit image 1;
-# 4: geometry on the token grid (scene.TOKEN), one shape size, image 2's object centred
-WORLD_VERSION = 4
+# 4: geometry on the token grid (scene.TOKEN), one shape size, image 2's object centred;
+# 5: person_scene also asks for a medium figure (image 2's own size)
+WORLD_VERSION = 5
 ALL_TASKS = TASKS + SINGLE_TASKS
 _BUILDERS = {**BUILDERS, "single_edit": single_edit}
 _SPLIT_CODE = {"train": 0, "test": 1}
@@ -93,7 +94,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array, "RGB").save(path, format="PNG", compress_level=1)
 
 
-def generate_world(out_dir, seed: int = 0, train: int = 256, test: int = 32, *, single_train: int | None = None,
+def generate_world(out_dir, seed: int = 0, train: int = 256, test: int = 64, *, single_train: int | None = None,
                    single_test: int | None = None, size: int = 64, aspect_mix: bool = False,
                    tasks=ALL_TASKS, force: bool = False, progress: bool = True) -> dict:
     """Write the world under ``out_dir`` and return its description (``world.json``).
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for images/, manifest.jsonl and world.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=256, help="training samples per dual task")
-    parser.add_argument("--test", type=int, default=32, help="test samples per dual task")
+    parser.add_argument("--test", type=int, default=64, help="test samples per dual task")
     parser.add_argument("--single-train", type=int, default=None, help="single_edit training samples (default --train)")
     parser.add_argument("--single-test", type=int, default=None, help="single_edit test samples (default --test)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (targets are size x size "
