@@ -6,6 +6,7 @@ distributed check is in test_ddpo_distributed.py, the main job in test_pipeline.
 """
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -228,3 +229,15 @@ def test_kl_to_the_sft_model_is_logged_and_the_adapter_still_trains(setup, tmp_p
     rows = metrics(out)
     assert all(r["kl_ref"] >= 0 for r in rows) and rows[1]["kl_ref"] > 0
     assert max(float(v.abs().max()) for k, v in _lora(out).items() if "lora_B" in k) > 0
+
+
+def test_global_std_reaches_the_loop_and_changes_the_update(setup, straight, tmp_path):
+    """ddpo.global_std divides by the batch's std: the run records it in its checkpoint, and the same
+    rollouts then give another update than per-prompt stds do."""
+    out = tmp_path / "global"
+    train_ddpo(ddpo_config(*setup, out, ddpo={"global_std": True}))
+    state = json.loads((out / "checkpoints" / "step_0000002" / "state.json").read_text())
+    assert state["config"]["algo_state"]["tracker"]["global_std"] is True
+    assert [r["reward"] for r in metrics(out)][:1] == [r["reward"] for r in metrics(straight[0])][:1]
+    reference, shared = _lora(straight[0]), _lora(out)
+    assert any(not torch.equal(reference[k], shared[k]) for k in reference)

@@ -94,6 +94,23 @@ def test_per_prompt_normalisation_by_hand():
         tracker.advantages(["a"], [1, 0])
 
 
+def test_per_prompt_tracker_with_the_batch_std():
+    """global_std: each prompt's own mean, the whole batch's std, so a group whose rollouts score
+    almost alike gets advantages near 0 instead of +-1."""
+    rewards = [0.50, 0.51, 0.0, 1.0]  # "a" nearly ties; "b" differs widely
+    own = PerPromptStatTracker(min_count=2).advantages(["a", "a", "b", "b"], rewards)
+    assert own.tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0], rel=1e-3)
+    tracker = PerPromptStatTracker(min_count=2, global_std=True)
+    batch_std = float(torch.tensor(rewards, dtype=torch.float64).std(unbiased=False))
+    shared = tracker.advantages(["a", "a", "b", "b"], rewards)
+    assert shared.tolist() == pytest.approx([-0.005 / batch_std, 0.005 / batch_std, -0.5 / batch_std, 0.5 / batch_std],
+                                            rel=1e-4)
+    restored = PerPromptStatTracker()
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.global_std and torch.equal(restored.advantages(["c", "c"], [0, 1]),
+                                               tracker.advantages(["c", "c"], [0, 1]))
+
+
 def test_zero_advantage_groups_and_clipping():
     groups = ["a", "a", "b", "b", "c"]
     assert zero_advantage_group_share(groups, torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0])) == pytest.approx(2 / 3)

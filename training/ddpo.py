@@ -158,7 +158,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = ddpo_state.constant_schedule(optimizer)
     baseline = RewardBaseline(cfg.ddpo.baseline_decay)
-    tracker = PerPromptStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
+    tracker = PerPromptStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count, global_std=cfg.ddpo.global_std)
     owns_judge = judge is None  # a judge we load we close (HTTP sessions); a given one stays open
     if judge is None:
         overrides = {"mode": cfg.judge.mode} if cfg.judge.mode else {}

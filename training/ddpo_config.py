@@ -77,6 +77,7 @@ class DDPOAlgoConfig:
     baseline_decay: float = 0.9  # moving-average baseline b (also reported in per_prompt mode)
     stat_buffer: int = 16  # per_prompt: rewards kept per tuple
     stat_min_count: int = 4  # per_prompt: below this many, the batch's mean/std are used
+    global_std: bool = False  # per_prompt: divide by the batch's reward std, not each prompt's (Flow-GRPO)
     adv_clip: float | None = 5.0
     kl_weight: float = 0.0  # KL to the adapter-disabled model (= the SFT model); 0 skips its forward pass
 

@@ -69,12 +69,16 @@ class PerPromptStatTracker:
 
     Each prompt keeps its last ``buffer_size`` rewards; until it has ``min_count`` of them, the
     whole batch's mean/std are used instead. Standard deviations are population ones (ddof 0).
+    ``global_std`` (Flow-GRPO's option) keeps each prompt's mean but divides by the whole batch's std:
+    a small group whose rollouts score almost alike then gives advantages near 0 instead of having
+    its noise blown up to +-1 by its own tiny std.
     """
 
-    def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6):
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6, global_std: bool = False):
         if buffer_size < 1 or min_count < 1:
             raise ValueError("buffer_size and min_count must be >= 1")
         self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
+        self.global_std = bool(global_std)
         self.buffers: dict[str, deque] = {}
 
     def advantages(self, prompts: Sequence[Hashable], rewards) -> torch.Tensor:
@@ -93,15 +97,18 @@ class PerPromptStatTracker:
             else:
                 history = torch.tensor(list(buffer), dtype=torch.float64)
                 mean, std = history.mean(), history.std(unbiased=False)
+            if self.global_std:
+                std = batch_std
             out[rows] = (rewards[rows] - mean) / (std + self.eps)
         return out.float()
 
     def state_dict(self) -> dict:
         return {"buffer_size": self.buffer_size, "min_count": self.min_count, "eps": self.eps,
-                "buffers": {k: list(v) for k, v in self.buffers.items()}}
+                "global_std": self.global_std, "buffers": {k: list(v) for k, v in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count, self.eps = int(state["buffer_size"]), int(state["min_count"]), state["eps"]
+        self.global_std = bool(state.get("global_std", False))  # checkpoints from before the option
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
