@@ -31,3 +31,38 @@ def test_pretraining_trains_the_noise_levels_where_sampling_starts(tmp_path):
                                       cfg.train.logit_mean, cfg.train.logit_std, cfg.train.sigma_shift)
     assert float((sigmas >= 0.9).float().mean()) >= 0.10
     assert cfg.train.mode == "full" and cfg.train.max_steps == DEFAULT_RECIPE["base_steps"]
+
+
+def test_interrupted_vae_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Ctrl-C during the toy VAE saves its state; the next call ends with exactly the weights (and the
+    random crops) of a run that was never interrupted."""
+    import pytest
+    from diffusers import AutoencoderKL
+
+    from training.toy_models import toy_config, train_vae
+
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def fresh():
+        torch.manual_seed(0)
+        return AutoencoderKL.from_config(toy_config("vae"))
+
+    whole = fresh()
+    train_vae(whole, images, steps=6, batch_size=2, crop=16, progress=False)
+
+    def stop_at_4(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "vae.pt"
+    cut = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(cut, images, steps=6, batch_size=2, crop=16, progress=False, checkpoint=checkpoint,
+                  checkpoint_every=2, on_step=stop_at_4)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    resumed = fresh()  # a new process: nothing but the checkpoint carries over
+    stats = train_vae(resumed, images, steps=6, batch_size=2, crop=16, progress=False, checkpoint=checkpoint)
+    assert stats["steps"] == 6
+    assert all(torch.equal(p, whole.state_dict()[n]) for n, p in resumed.state_dict().items())
+    with pytest.raises(ValueError, match="not 8; delete it"):
+        train_vae(fresh(), images, steps=8, batch_size=2, crop=16, progress=False, checkpoint=checkpoint)

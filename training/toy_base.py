@@ -6,7 +6,7 @@ reuse it), then pretrains the tiny transformer on single-reference edits with th
 ``full`` mode, and keeps the result as a diffusers folder under
 ``<cache>/toy-base-<recipe hash>/`` (default cache: ``$DUALREF_CACHE`` or ``~/.cache/dualref``).
 The first call takes minutes and shows progress; later calls return the folder at once. An
-interrupted build resumes (the pretraining from its last checkpoint). Concurrent callers wait on
+interrupted build resumes (the VAE and the pretraining from their last checkpoints). Concurrent callers wait on
 a file lock instead of building twice.
 
     python -m training.toy_base [--cache-dir DIR]
@@ -127,8 +127,9 @@ def _train_vae(folder: Path, cache: Path, recipe: dict, progress: bool):
     vae = AutoencoderKL.from_config(toy_config("vae"))
     train_images = vae_images(recipe, "train", recipe["vae_images"])
     held_out = vae_images(recipe, "test", 192)
+    checkpoint = cache / f".{folder.name}.checkpoint.pt"  # an interrupted VAE resumes from here
     stats = train_vae(vae, train_images, recipe["vae_steps"], recipe["vae_batch"], recipe["vae_lr"],
-                      recipe["vae_crop"], seed=recipe["seed"], progress=progress)
+                      recipe["vae_crop"], seed=recipe["seed"], progress=progress, checkpoint=checkpoint)
     shift, scale = set_latent_normalisation(vae, train_images[:512])
     stats.update(reconstruction_error(vae, held_out), shift_factor=shift, scaling_factor=scale)
     log.info("toy VAE: %.1f s, held-out PSNR %.2f dB, max error %d levels", stats["seconds"], stats["psnr"],
@@ -138,6 +139,7 @@ def _train_vae(folder: Path, cache: Path, recipe: dict, progress: bool):
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    checkpoint.unlink(missing_ok=True)
     return vae, stats
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -112,36 +113,78 @@ def reconstruction_error(vae, pixels: torch.Tensor, batch: int = 64) -> dict:
 
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 1e-3, crop: int = 32,
-              kl_weight: float = 1e-6, seed: int = 0, progress: bool = True) -> dict:
+              kl_weight: float = 1e-6, seed: int = 0, progress: bool = True, checkpoint=None,
+              checkpoint_every: int = 500, on_step=None) -> dict:
     """Train ``vae`` on ``images`` (N, 3, H, W) in [-1, 1]: L1 + L2 on the posterior mean's decoding,
     a tiny KL so latents stay bounded, cosine-decayed AdamW. Returns timing and loss.
 
     It trains on random ``crop`` px crops on the latent grid (the VAE is convolutional, without
     attention): a quarter of the compute per 64 px image, and measured here to reach a given
-    reconstruction error in about a third of the time of full images."""
+    reconstruction error in about a third of the time of full images.
+
+    ``checkpoint``: a file that holds the run's state every ``checkpoint_every`` steps and when the
+    run is interrupted (Ctrl-C, SIGTERM); a later call with the same file resumes from it and ends
+    with the weights an uninterrupted run would have. ``on_step(step)`` is called after each step."""
     from tqdm import tqdm
+
+    from . import interrupts
 
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    checkpoint = Path(checkpoint) if checkpoint else None
+    done = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["steps"] != steps:
+            raise ValueError(f"{checkpoint} holds a VAE run of {state['steps']} steps, not {steps}; delete it to start over")
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        g.set_state(state["generator"])
+        done = state["step"]
+        log.info("toy VAE: resuming at step %d of %d from %s", done, steps, checkpoint)
+
+    def save(step: int) -> None:
+        if checkpoint is None:
+            return
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save({"steps": steps, "step": step, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "generator": g.get_state()}, tmp)
+        os.replace(tmp, checkpoint)
+
     vae.train()
-    start, loss = time.perf_counter(), None
-    for _ in tqdm(range(steps), desc="toy VAE", unit="step", disable=not progress, mininterval=1.0):
-        x = images[torch.randint(0, len(images), (batch_size,), generator=g)]
-        if torch.rand((), generator=g) < 0.5:  # flips: cheap augmentation, the world is mirror-symmetric
-            x = x.flip(-1)
-        if crop < x.shape[-1] or crop < x.shape[-2]:
-            f = 2 ** (len(vae.config.block_out_channels) - 1)
-            top, left = (int(torch.randint(0, (n - crop) // f + 1, (), generator=g)) * f for n in x.shape[-2:])
-            x = x[..., top:top + crop, left:left + crop]
-        loss = vae_loss(vae, x, kl_weight)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+    start, loss, finished = time.perf_counter(), None, done
+    try:
+        with interrupts.sigterm_interrupts():
+            for step in tqdm(range(done + 1, steps + 1), desc="toy VAE", unit="step", disable=not progress,
+                             mininterval=1.0, initial=done, total=steps):
+                with interrupts.deferred():  # the weights and the step counter move together
+                    x = images[torch.randint(0, len(images), (batch_size,), generator=g)]
+                    if torch.rand((), generator=g) < 0.5:  # flips: cheap augmentation, the world is mirror-symmetric
+                        x = x.flip(-1)
+                    if crop < x.shape[-1] or crop < x.shape[-2]:
+                        f = 2 ** (len(vae.config.block_out_channels) - 1)
+                        top, left = (int(torch.randint(0, (n - crop) // f + 1, (), generator=g)) * f for n in x.shape[-2:])
+                        x = x[..., top:top + crop, left:left + crop]
+                    loss = vae_loss(vae, x, kl_weight)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    finished = step
+                if step % checkpoint_every == 0 and step < steps:
+                    save(step)
+                if on_step is not None:
+                    on_step(step)
+    except KeyboardInterrupt:
+        save(finished)
+        log.warning("toy VAE interrupted after step %d of %d%s", finished, steps,
+                    f"; run again to resume from {checkpoint}" if checkpoint else "")
+        raise
     vae.eval()
-    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": float(loss.detach())}
+    return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": float(loss.detach()) if loss is not None else None}
 
 
 @torch.no_grad()

@@ -1,0 +1,71 @@
+"""``python -m training.toy.probe``: one-step predictions at fixed noise levels, on a seconds-sized toy base."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.toy import probe as toy_probe
+
+QUICK = dict(single_train=8, single_test=6, vae_images=16, vae_steps=2, base_steps=2, base_batch=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory):
+    from training.toy_base import toy_base
+
+    path = toy_base(tmp_path_factory.mktemp("probe-cache"), **QUICK)
+    return path, Path(json.loads((path / "dualref.json").read_text())["world"]) / "manifest.jsonl"
+
+
+def test_prediction_is_the_target_at_sigma_0_and_reads_the_instruction(quick_base):
+    from training.cache import CachedDataset, EmbeddingCache, prepare_cache
+    from training.data import load_manifest
+    from training.flow import FlowMatchingModel
+    from training.models import load_kontext
+
+    path, manifest = quick_base
+    bundle = load_kontext(path)
+    records = load_manifest(manifest, split="test", require_target=True)
+    cache = EmbeddingCache.for_bundle(manifest.parent / ".cache", bundle)
+    entries, _ = prepare_cache(records, bundle, cache, max_pixels=512 * 512, progress=False, manifest=manifest)
+    batch = CachedDataset(entries, cache).batch(range(len(entries)))
+    model = FlowMatchingModel(bundle.transformer)
+    noise = torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(toy_probe.one_step_prediction(model, batch, 0.0, noise), batch.target)
+    own = toy_probe.one_step_prediction(model, batch, 1.0, noise)
+    rolled = toy_probe.one_step_prediction(model, batch, 1.0, noise, shuffled=True)
+    assert not torch.equal(own, rolled)  # another sample's instruction, another prediction
+    # rolling by one gives sample i sample i-1's instruction: equal to predicting with rolled embeddings
+    batch.prompt_embeds, batch.pooled = batch.prompt_embeds.roll(1, 0), batch.pooled.roll(1, 0)
+    assert torch.equal(toy_probe.one_step_prediction(model, batch, 1.0, noise), rolled)
+
+
+def test_cli_prints_one_row_per_sigma_and_instruction(quick_base, capsys):
+    path, manifest = quick_base
+    assert toy_probe.main(["--model", str(path), "--manifest", str(manifest), "--sigmas", "1", "0",
+                           "--shuffled", "1", "--limit", "6"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith("| ") and not line.startswith("| sigma")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| 1", "own"], ["| 1", "shuffled"], ["| 0", "own"]]
+    result = toy_probe.probe(path, manifest, sigmas=(0.0,), shuffled=(), limit=6)
+    assert sum(group["n"] for group in result[(0.0, False)].values()) == 6
+    assert set(result[(0.0, False)]) <= {"recolour", "move", "add", "remove"}
+    with pytest.raises(SystemExit):
+        toy_probe.main(["--model", str(path), "--sigmas", "1.5"])
+
+
+def test_a_manifest_without_plans_is_refused_by_name(quick_base, tmp_path, capsys):
+    path, manifest = quick_base
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for line in lines:
+        line["plan"] = None
+        line["images"] = [str(manifest.parent / p) for p in line["images"]]
+        line["target"] = str(manifest.parent / line["target"]) if line.get("target") else None
+    planless = tmp_path / "planless.jsonl"
+    planless.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert toy_probe.main(["--model", str(path), "--manifest", str(planless)]) == 2
+    err = capsys.readouterr().err
+    assert str(planless) in err and "DualShapes plan" in err
