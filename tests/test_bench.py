@@ -266,7 +266,7 @@ def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(t
         per_task = {row[0]: row for row in tables[3]["rows"]}
         assert per_task["group_portrait"][-1] == "1 unjudged" and per_task["person_scene"][-1] == "1 missing"
         report = (out / "report.html").read_text()
-        assert report.count("unjudged:") == 1 and f"no output: reference 1 " in report
+        assert report.count("unjudged:") == 1 and "no output: reference 1 " in report
 
         judge.failing = None  # the judge recovers; the reference is still missing
         assert main(argv) == 0

@@ -15,7 +15,7 @@ import pytest
 
 from judge import prompts
 from judge.cache import AnswerCache, cache_key
-from judge.config import Profile, ProfileError, load_profiles
+from judge.config import ProfileError, load_profiles
 from judge.edit_score import EditScore
 from judge.images import image_hash, to_pil
 from judge.parsing import parse_score_pair, parse_yes_no, yes_probability

@@ -9,7 +9,6 @@ import time
 from collections import Counter
 
 import numpy as np
-import pytest
 
 from judge import JudgeRequest, Unjudged, Verdict
 from judge.config import Profile

@@ -34,7 +34,7 @@ class Table:
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.header) + " |",
                  "|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.header))) + "|"]
         lines += ["| " + " | ".join(_cell(v, self.digits) for v in row) + " |" for row in self.rows]
-        return "\n".join(lines + ([f"", self.note] if self.note else []))
+        return "\n".join(lines + (["", self.note] if self.note else []))
 
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)

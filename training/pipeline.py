@@ -86,7 +86,7 @@ def resolve_config(args) -> tuple[DDPOConfig, Path]:
     if out is None and args.resume:
         found = sorted((p for p in RUNS.glob("ddpo-*") if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise ConfigError(f"--resume: no run folder runs/ddpo-* to continue; pass --out DIR")
+            raise ConfigError("--resume: no run folder runs/ddpo-* to continue; pass --out DIR")
         out = found[-1]
     stored = out / "config.json" if out is not None else None
     overrides = list(args.overrides) + ([f"run.seed={args.seed}"] if args.seed is not None else [])
