@@ -59,7 +59,7 @@ def test_interrupted_vae_training_resumes_to_the_uninterrupted_weights(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         train_vae(cut, images, steps=6, batch_size=2, crop=16, progress=False, checkpoint=checkpoint,
                   checkpoint_every=2, on_step=stop_at_4)
-    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
     resumed = fresh()  # a new process: nothing but the checkpoint carries over
     stats = train_vae(resumed, images, steps=6, batch_size=2, crop=16, progress=False, checkpoint=checkpoint)
     assert stats["steps"] == 6

@@ -21,17 +21,14 @@ def quick_base(tmp_path_factory):
 
 
 def test_prediction_is_the_target_at_sigma_0_and_reads_the_instruction(quick_base):
-    from training.cache import CachedDataset, EmbeddingCache, prepare_cache
-    from training.data import load_manifest
+    from training.evaluate import cached_split
     from training.flow import FlowMatchingModel
     from training.models import load_kontext
 
     path, manifest = quick_base
     bundle = load_kontext(path)
-    records = load_manifest(manifest, split="test", require_target=True)
-    cache = EmbeddingCache.for_bundle(manifest.parent / ".cache", bundle)
-    entries, _ = prepare_cache(records, bundle, cache, max_pixels=512 * 512, progress=False, manifest=manifest)
-    batch = CachedDataset(entries, cache).batch(range(len(entries)))
+    entries, dataset = cached_split(bundle, manifest, require_target=True, progress=False)
+    batch = dataset.batch(range(len(entries)))
     model = FlowMatchingModel(bundle.transformer)
     noise = torch.randn(batch.target.shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(toy_probe.one_step_prediction(model, batch, 0.0, noise), batch.target)

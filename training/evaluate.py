@@ -65,6 +65,16 @@ def applied_lora(transformer, lora, scale: float = 1.0):
         transformer.delete_adapters(ADAPTER)
 
 
+def cached_split(bundle, manifest, split: str = "test", *, tasks=None, limit: int | None = None,
+                 require_target: bool = False, cache_dir=None, max_pixels: int = 512 * 512, progress: bool = True):
+    """``(entries, CachedDataset)`` of ``split`` (first ``limit`` samples): latents and text embeddings
+    from the shared cache beside the manifest (``cache_dir`` to put it elsewhere), computed if absent."""
+    records = load_manifest(manifest, split=split, tasks=tasks, require_target=require_target)[:limit]
+    cache = EmbeddingCache.for_bundle(Path(cache_dir) if cache_dir else Path(manifest).parent / ".cache", bundle)
+    entries, _ = prepare_cache(records, bundle, cache, max_pixels=max_pixels, progress=progress, manifest=manifest)
+    return entries, CachedDataset(entries, cache)
+
+
 def sample_split(model, manifest, *, split: str = "test", lora=None, lora_scale: float = 1.0,
                  layout: str = "diagonal", gates=None, tasks=None, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 16, cache_dir=None,
@@ -79,11 +89,8 @@ def sample_split(model, manifest, *, split: str = "test", lora=None, lora_scale:
     from .models import KontextBundle, load_kontext
 
     bundle = model if isinstance(model, KontextBundle) else load_kontext(model)
-    records = load_manifest(manifest, split=split, tasks=tasks, require_target=False)[:limit]
-    cache = EmbeddingCache.for_bundle(Path(cache_dir) if cache_dir else Path(manifest).parent / ".cache", bundle)
-    entries, _ = prepare_cache(records, bundle, cache, max_pixels=max_pixels, progress=progress,
-                               manifest=manifest)
-    dataset = CachedDataset(entries, cache)
+    entries, dataset = cached_split(bundle, manifest, split, tasks=tasks, limit=limit, cache_dir=cache_dir,
+                                    max_pixels=max_pixels, progress=progress)
     config = sampler_config(bundle.settings, steps, guidance)
     transformer = bundle.transformer
     images: dict[int, np.ndarray] = {}

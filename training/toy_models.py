@@ -136,7 +136,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 16, lr: f
     checkpoint = Path(checkpoint) if checkpoint else None
     done = 0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=True)  # tensors and plain containers only: no pickle code runs
         if state["steps"] != steps:
             raise ValueError(f"{checkpoint} holds a VAE run of {state['steps']} steps, not {steps}; delete it to start over")
         vae.load_state_dict(state["vae"])

@@ -14,6 +14,7 @@ the instruction alone, which is what ODE sampling from pure noise needs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -43,21 +44,17 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
     ``shuffled``: the sigmas also probed with rolled instructions."""
     from judge.toy import ToyJudge
 
-    from ..cache import CachedDataset, EmbeddingCache, prepare_cache
-    from ..data import load_manifest, to_uint8
-    from ..evaluate import SampleOutput, applied_lora
+    from ..data import to_uint8
+    from ..evaluate import SampleOutput, applied_lora, cached_split
     from ..flow import FlowMatchingModel
     from ..models import load_kontext
     from ..validation import by_bucket
 
-    records = load_manifest(manifest, split=split, require_target=True)[:limit]
-    if not records or not all(r.sample.plan for r in records):
+    bundle = load_kontext(model_dir)
+    entries, dataset = cached_split(bundle, manifest, split, limit=limit, require_target=True, progress=False)
+    if not entries or not all(e.record.sample.plan for e in entries):
         raise ValueError(f"{manifest}: the probe needs {split} samples with a target and a DualShapes plan (ToyJudge "
                          "measures against the plan); use a toy world's manifest.jsonl")
-    bundle = load_kontext(model_dir)
-    cache = EmbeddingCache.for_bundle(Path(manifest).parent / ".cache", bundle)
-    entries, _ = prepare_cache(records, bundle, cache, max_pixels=512 * 512, progress=False, manifest=manifest)
-    dataset = CachedDataset(entries, cache)
     model = FlowMatchingModel(bundle.transformer, layout=layout, guidance=bundle.settings["sampling"]["guidance"])
     judge = ToyJudge("binary")
     values: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -69,12 +66,14 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
             noise = torch.stack([torch.randn(tuple(batch.target.shape[1:]),  # one noise per sample, any batching
                                              generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
                                  for i in chunk])
+            # references read from disk once per sample; only the output changes with the noise level
+            requests = [SampleOutput(entries[i].record, None, layout, None).judge_request() for i in chunk]
             for sigma, rolled in runs:
                 pixels = bundle.decode_latents(one_step_prediction(model, batch, sigma, noise, rolled))
-                for i, image in zip(chunk, pixels):
-                    record = entries[i].record
-                    group = record.sample.plan.get("roles", {}).get("op") or record.sample.task
-                    measured = judge.measure(SampleOutput(record, to_uint8(image), layout, None).judge_request())
+                for i, request, image in zip(chunk, requests, pixels):
+                    sample = entries[i].record.sample
+                    group = sample.plan.get("roles", {}).get("op") or sample.task
+                    measured = judge.measure(dataclasses.replace(request, output=to_uint8(image)))
                     # a check asked by two questions (style's presence) is one measurement
                     checks = {name: value for question in measured.values() for name, value, _ in question}
                     counts[(sigma, rolled)][group] += 1
