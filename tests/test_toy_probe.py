@@ -66,3 +66,28 @@ def test_a_manifest_without_plans_is_refused_by_name(quick_base, tmp_path, capsy
     assert toy_probe.main(["--model", str(path), "--manifest", str(planless)]) == 2
     err = capsys.readouterr().err
     assert str(planless) in err and "DualShapes plan" in err
+
+
+def test_grid_shows_image_1_the_target_and_each_prediction(quick_base, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path, manifest = quick_base
+    grid = tmp_path / "grid.png"
+    result = toy_probe.probe(path, manifest, sigmas=(1.0, 0.0), shuffled=(1.0,), limit=6, grid=grid,
+                             grid_per_group=1)
+    groups = sorted(result[(0.0, False)])
+    image = np.asarray(Image.open(grid).convert("RGB"))
+    tile, pad, head, left = 128, 4, 14, 64  # 64 px samples enlarged twice
+    assert image.shape == (head + len(groups) * (tile + pad), left + 5 * (tile + pad), 3)  # image 1, target, 3 runs
+    # row 0: the first test sample of the first group (alphabetically), tiles enlarged without smoothing
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    first = next(e for e in [e for e in lines if e["split"] == "test"][:6] if e["plan"]["roles"]["op"] == groups[0])
+
+    def tile_at(column):
+        x = left + column * (tile + pad)
+        return image[head:head + tile:2, x:x + tile:2]
+
+    for column, file in ((0, first["images"][0]), (1, first["target"])):
+        assert np.array_equal(tile_at(column), np.asarray(Image.open(manifest.parent / file).convert("RGB")))
+    assert not np.array_equal(tile_at(2), tile_at(3))  # sigma 1 and sigma 0 predictions are different tiles

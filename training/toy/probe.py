@@ -2,6 +2,7 @@
 
     python -m training.toy.probe                       # the default toy base on its single_edit test split
     python -m training.toy.probe --model DIR --manifest runs/toy/world/manifest.jsonl --lora sft.safetensors
+    python -m training.toy.probe --sigmas 1 0.8 --grid probe.png   # ... and a picture of the predictions
 
 For each test sample the target latent is noised to ``sigma`` (one fixed noise per sample), the
 model predicts the clean latent in one step (x0 = x_sigma - sigma * velocity), and ToyJudge measures
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 CHECKS = {"presence": "placed", "appearance": "colour", "vacated": "vacated", "changed": "changed", "preserve": "kept"}
 DEFAULT_SIGMAS = (1.0, 0.9, 0.8, 0.6)
@@ -39,9 +41,11 @@ def one_step_prediction(model, batch, sigma: float, noise: torch.Tensor, shuffle
 
 
 def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=None, layout: str = "diagonal",
-          split: str = "test", limit: int | None = 64, seed: int = 0, batch_size: int = 32) -> dict:
+          split: str = "test", limit: int | None = 64, seed: int = 0, batch_size: int = 32, grid=None,
+          grid_per_group: int = 2) -> dict:
     """``{(sigma, shuffled): {group: {check: mean, "n": count}}}`` over ``split`` (``limit`` samples);
-    ``shuffled``: the sigmas also probed with rolled instructions."""
+    ``shuffled``: the sigmas also probed with rolled instructions. ``grid``: also write a PNG there
+    (:func:`write_grid`) with the first ``grid_per_group`` samples of each group."""
     from judge.toy import ToyJudge
 
     from ..data import to_uint8
@@ -60,6 +64,7 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
     values: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     counts: dict = defaultdict(lambda: defaultdict(int))
     runs = [(s, False) for s in sigmas] + [(s, True) for s in shuffled]
+    grid_rows: dict = {}  # sample index -> (group, [image 1, target, one prediction per run])
     with applied_lora(bundle.transformer, lora):
         for chunk in by_bucket(dataset, range(len(dataset)), batch_size):  # equal shapes stack
             batch = dataset.batch(chunk)
@@ -73,15 +78,51 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
                 for i, request, image in zip(chunk, requests, pixels):
                     sample = entries[i].record.sample
                     group = sample.plan.get("roles", {}).get("op") or sample.task
-                    measured = judge.measure(dataclasses.replace(request, output=to_uint8(image)))
+                    output = to_uint8(image)
+                    if grid and (i in grid_rows or sum(g == group for g, _ in grid_rows.values()) < grid_per_group):
+                        inputs = [request.reference1, request.reference2, Image.open(entries[i].record.target)]
+                        row = grid_rows.setdefault(i, (group, [np.asarray(im.convert("RGB")) for im in inputs
+                                                              if im is not None]))
+                        row[1].append(output)
+                    measured = judge.measure(dataclasses.replace(request, output=output))
                     # a check asked by two questions (style's presence) is one measurement
                     checks = {name: value for question in measured.values() for name, value, _ in question}
                     counts[(sigma, rolled)][group] += 1
                     for name in CHECKS:
                         if name in checks:
                             values[(sigma, rolled)][group][name].append(checks[name])
+    if grid:
+        rows = [grid_rows[i] for i in sorted(grid_rows, key=lambda i: (grid_rows[i][0], i))]
+        inputs = ["image 1", "image 2", "target"] if len(rows[0][1]) == 3 + len(runs) else ["image 1", "target"]
+        write_grid(grid, [images for _, images in rows],
+                   inputs + [f"{sigma:g}{' shuffled' if rolled else ''}" for sigma, rolled in runs],
+                   [group for group, _ in rows])
     return {run: {group: {name: float(np.mean(v)) for name, v in cell.items()} | {"n": counts[run][group]}
                   for group, cell in sorted(groups.items())} for run, groups in values.items()}
+
+
+def write_grid(path, rows: list[list[np.ndarray]], columns: list[str], labels: list[str], scale: int = 2) -> Path:
+    """A PNG of equal-size (H, W, 3) uint8 tiles, one row per sample, each tile enlarged ``scale``
+    times without smoothing; column titles above, each row's label at its left."""
+    from PIL import ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max(64, 8 + max(int(measure.textlength(label)) for label in labels))  # room for the longest label
+    th, tw, pad, head = h * scale, w * scale, 4, 14
+    canvas = Image.new("RGB", (left + len(columns) * (tw + pad), head + len(rows) * (th + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(columns):
+        draw.text((left + c * (tw + pad), 2), title, fill="black")
+    for r, (tiles, label) in enumerate(zip(rows, labels)):
+        y = head + r * (th + pad)
+        draw.text((2, y + th // 2 - 5), label, fill="black")
+        for c, tile in enumerate(tiles):
+            canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (left + c * (tw + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 def probe_markdown(result: dict) -> str:
@@ -110,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--shuffled", type=float, nargs="*", default=[0.8],
                    help="sigmas also probed with another sample's instruction (default 0.8)")
     p.add_argument("--limit", type=int, default=64, help="test samples (default 64)")
+    p.add_argument("--grid", type=Path, help="also write a PNG here: two samples per group, the references, "
+                   "the target and each probed prediction")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     for s in args.sigmas + args.shuffled:
@@ -123,12 +166,14 @@ def main(argv=None) -> int:
     manifest = args.manifest or Path(json.loads((model / "dualref.json").read_text())["world"]) / "manifest.jsonl"
     try:
         result = probe(model, manifest, sigmas=args.sigmas, shuffled=args.shuffled, lora=args.lora,
-                       layout=args.layout, limit=args.limit)
+                       layout=args.layout, limit=args.limit, grid=args.grid)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"One-step predictions of {model.name} ({args.layout}) on {manifest}: mean of each check")
     print(probe_markdown(result))
+    if args.grid:
+        print(f"grid of predictions: {args.grid}")
     from judge.toy import THRESHOLDS
 
     print("ToyJudge passes at " + ", ".join(f"{short} >= {THRESHOLDS[name][0]:g}" for name, short in CHECKS.items())
