@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,14 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
     values: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     counts: dict = defaultdict(lambda: defaultdict(int))
     runs = [(s, False) for s in sigmas] + [(s, True) for s in shuffled]
-    grid_rows: dict = {}  # sample index -> (group, [image 1, target, one prediction per run])
+    grid_rows: dict = {}  # sample index -> [references, target, one prediction per run]
+    if grid:  # the first grid_per_group samples of each group
+        picked = Counter()
+        for i, entry in enumerate(entries):
+            group = _group(entry.record.sample)
+            picked[group] += 1
+            if picked[group] <= grid_per_group:
+                grid_rows[i] = []
     with applied_lora(bundle.transformer, lora):
         for chunk in by_bucket(dataset, range(len(dataset)), batch_size):  # equal shapes stack
             batch = dataset.batch(chunk)
@@ -76,14 +83,13 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
             for sigma, rolled in runs:
                 pixels = bundle.decode_latents(one_step_prediction(model, batch, sigma, noise, rolled))
                 for i, request, image in zip(chunk, requests, pixels):
-                    sample = entries[i].record.sample
-                    group = sample.plan.get("roles", {}).get("op") or sample.task
+                    group = _group(entries[i].record.sample)
                     output = to_uint8(image)
-                    if grid and (i in grid_rows or sum(g == group for g, _ in grid_rows.values()) < grid_per_group):
-                        inputs = [request.reference1, request.reference2, Image.open(entries[i].record.target)]
-                        row = grid_rows.setdefault(i, (group, [np.asarray(im.convert("RGB")) for im in inputs
-                                                              if im is not None]))
-                        row[1].append(output)
+                    if i in grid_rows:
+                        if not grid_rows[i]:  # the inputs, once
+                            inputs = [request.reference1, request.reference2, Image.open(entries[i].record.target)]
+                            grid_rows[i] += [np.asarray(im.convert("RGB")) for im in inputs if im is not None]
+                        grid_rows[i].append(output)
                     measured = judge.measure(dataclasses.replace(request, output=output))
                     # a check asked by two questions (style's presence) is one measurement
                     checks = {name: value for question in measured.values() for name, value, _ in question}
@@ -92,33 +98,39 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
                         if name in checks:
                             values[(sigma, rolled)][group][name].append(checks[name])
     if grid:
-        rows = [grid_rows[i] for i in sorted(grid_rows, key=lambda i: (grid_rows[i][0], i))]
-        inputs = ["image 1", "image 2", "target"] if len(rows[0][1]) == 3 + len(runs) else ["image 1", "target"]
-        write_grid(grid, [images for _, images in rows],
+        order = sorted(grid_rows, key=lambda i: (_group(entries[i].record.sample), i))
+        inputs = ["image 1", "image 2"][:len(entries[order[0]].record.refs)] + ["target"]
+        write_grid(grid, [grid_rows[i] for i in order],
                    inputs + [f"{sigma:g}{' shuffled' if rolled else ''}" for sigma, rolled in runs],
-                   [group for group, _ in rows])
+                   [_group(entries[i].record.sample) for i in order])
     return {run: {group: {name: float(np.mean(v)) for name, v in cell.items()} | {"n": counts[run][group]}
                   for group, cell in sorted(groups.items())} for run, groups in values.items()}
 
 
+def _group(sample) -> str:
+    """A sample's row of the table: the single edit's operation, else the task."""
+    return sample.plan.get("roles", {}).get("op") or sample.task
+
+
 def write_grid(path, rows: list[list[np.ndarray]], columns: list[str], labels: list[str], scale: int = 2) -> Path:
-    """A PNG of equal-size (H, W, 3) uint8 tiles, one row per sample, each tile enlarged ``scale``
-    times without smoothing; column titles above, each row's label at its left."""
+    """:func:`training.validation.image_grid` of (H, W, 3) uint8 tiles, one row per sample, each tile
+    enlarged ``scale`` times without smoothing; column titles above, each row's label at its left."""
     from PIL import ImageDraw
 
-    h, w = rows[0][0].shape[:2]
+    from ..validation import image_grid
+
+    pad, head = 4, 14
+    grid = image_grid([[tile.repeat(scale, 0).repeat(scale, 1) for tile in tiles] for tiles in rows], pad=pad)
+    cell_w, cell_h = (grid.width - pad) // len(columns) - pad, (grid.height - pad) // len(rows) - pad
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = max(64, 8 + max(int(measure.textlength(label)) for label in labels))  # room for the longest label
-    th, tw, pad, head = h * scale, w * scale, 4, 14
-    canvas = Image.new("RGB", (left + len(columns) * (tw + pad), head + len(rows) * (th + pad)), "white")
+    canvas = Image.new("RGB", (left - pad + grid.width, head - pad + grid.height), "white")
+    canvas.paste(grid, (left - pad, head - pad))  # tiles start at (left, head)
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(columns):
-        draw.text((left + c * (tw + pad), 2), title, fill="black")
-    for r, (tiles, label) in enumerate(zip(rows, labels)):
-        y = head + r * (th + pad)
-        draw.text((2, y + th // 2 - 5), label, fill="black")
-        for c, tile in enumerate(tiles):
-            canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (left + c * (tw + pad), y))
+        draw.text((left + c * (cell_w + pad), 2), title, fill="black")
+    for r, label in enumerate(labels):
+        draw.text((2, head + r * (cell_h + pad) + cell_h // 2 - 5), label, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
