@@ -4,7 +4,7 @@
 
 A real OpenAIJudge (cache off) judges every decoded rollout through judge.loopback.ScriptedChatServer
 on 127.0.0.1, which answers each call (one per question, three per sample) after exactly
-``--latency`` seconds. ``training.ddpo_rollout.sample_and_judge`` — the loop's own code — samples
+``--latency`` seconds. ``training.ddpo.rollout.sample_and_judge`` — the loop's own code — samples
 ``--samples`` SDE rollouts in batches of ``--batch`` on a micro toy-architecture model (random
 weights; the toy base's size) with a DDPO LoRA attached, and submits each decoded batch to the
 judge at once:
@@ -41,11 +41,11 @@ def build(root: Path, model: str | None, samples: int):
     """A model folder, a one-task toy world and its cached dataset, the policy with a DDPO LoRA."""
     from training.cache import CachedDataset, EmbeddingCache, prepare_cache
     from training.data import load_manifest
-    from training.ddpo_state import add_ddpo_adapter
+    from training.ddpo.state import add_ddpo_adapter
     from training.models import load_kontext
     from training.toy.templates import vocabulary
     from training.toy.world import generate_world
-    from training.toy_models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
+    from training.toy.models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
 
     if model is None:
         settings = {"name": "bench micro model", "max_sequence_length": TOY_MAX_SEQUENCE_LENGTH,
@@ -76,7 +76,7 @@ class InstantPool:
 
 
 def run(bundle, dataset, slots, sampler, pool, batch, overlap):
-    from training.ddpo_rollout import RequestMaker, sample_and_judge
+    from training.ddpo.rollout import RequestMaker, sample_and_judge
 
     begin = time.perf_counter()
     rollouts = sample_and_judge(bundle.transformer, bundle, dataset, slots, sampler, pool, RequestMaker(dataset),
@@ -86,7 +86,7 @@ def run(bundle, dataset, slots, sampler, pool, batch, overlap):
 
 
 def main(argv=None) -> int:
-    from training.ddpo_rollout import plan_iteration
+    from training.ddpo.rollout import plan_iteration
     from training.sampler import SamplerConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
                               cache=False, timeout_s=60)
             judge = OpenAIJudge(profile)
             pool = JudgePool(judge)
-            from training.ddpo_rollout import RequestMaker
+            from training.ddpo.rollout import RequestMaker
 
             make = RequestMaker(dataset)
             requests = [make(s.prompt, image, f"judge-only-{s.index}") for s, image in zip(rollouts.slots,

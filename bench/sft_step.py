@@ -2,7 +2,7 @@
 
     python bench/sft_step.py [--model toy|FOLDER] [--batch 32] [--steps 30]
 
-Runs the real trainer (training.trainer.train) twice on the same DualShapes data, side by side:
+Runs the real trainer (training.sft.trainer.train) twice on the same DualShapes data, side by side:
 cached latents kept in memory (``data.preload``, the default) and read from the safetensors cache
 every batch. The per-step split comes from the trainer's own metrics.jsonl (medians after warm-up);
 the one-off cache costs (first encoding, and the rerun that only hashes files and finds every entry)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from training.cache import EmbeddingCache, prepare_cache
     from training.data import load_manifest
     from training.models import load_kontext
-    from training.trainer import train
+    from training.sft.trainer import train
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     model = args.model or micro_model(tmp / "micro")

@@ -24,8 +24,14 @@ from dataclasses import dataclass, field
 
 from .comfy_adapter import WRAPPER_KEY, apply_position_patch, flux_model_problem
 from .lora_meta import (
-    LoraFileError, LoraMetadata, base_fingerprint, fingerprint_architecture, lora_content_hash, lora_modules,
-    read_dualref_metadata, read_safetensors_header,
+    LoraFileError,
+    LoraMetadata,
+    base_fingerprint,
+    fingerprint_architecture,
+    lora_content_hash,
+    lora_modules,
+    read_dualref_metadata,
+    read_safetensors_header,
 )
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def read_manifest(path: Path, split: str | None):
-    from training.manifest import parse_line  # headless only; ComfyUI never imports this CLI
+    from .manifest import parse_line  # headless only; ComfyUI never imports this CLI
 
     samples = []
     with open(path) as fh:

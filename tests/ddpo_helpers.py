@@ -12,7 +12,7 @@ TASKS = ("animal_scene", "style_transfer")
 
 def micro_setup(root: Path) -> tuple[Path, Path, Path]:
     """``(model folder, manifest, SFT LoRA)``, built once under ``root``."""
-    from training.trainer import train
+    from training.sft.trainer import train
 
     model = micro_model(root / "micro")
     manifest = root / "world" / "manifest.jsonl"
@@ -48,7 +48,7 @@ def ddpo_values(model: Path, manifest: Path, sft_lora: Path | None, out: Path, *
 
 
 def ddpo_config(*args, **sections):
-    from training.ddpo_config import ddpo_config_from_dict
+    from training.ddpo.config import ddpo_config_from_dict
 
     return ddpo_config_from_dict(ddpo_values(*args, **sections))
 

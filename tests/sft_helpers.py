@@ -14,7 +14,7 @@ from pathlib import Path
 from training.config import SFTConfig
 from training.toy.templates import vocabulary
 from training.toy.world import generate_world
-from training.toy_models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
+from training.toy.models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
 
 
 def micro_model(folder: Path, seed: int = 0) -> Path:

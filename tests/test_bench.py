@@ -26,10 +26,10 @@ from judge.loopback import Reply, ScriptedChatServer
 from judge.toy import ToyJudge
 from judge.verdict import JudgeRequest
 from sft_helpers import micro_model
-from training.bench import main
-from training.bench_run import SEED_STRIDE
+from training.bench.cli import main
+from training.seeds import SEED_STRIDE
 from training.lora_io import save_lora, transformer_fingerprint
-from training.manifest import TASKS
+from judge.manifest import TASKS
 from training.toy.world import generate_world, make_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_default_run_generates_judges_summarises_and_reports(tmp_path, monkeypat
     """No manifest, model or judge given: the toy world is generated in runs/toy/world, the cached toy
     base is loaded (here: the micro model cached under the toy base's recipe key), the toy judge
     scores, and Table 2 + report.html come out. Outputs already present are reused, not redone."""
-    from training.toy_base import DEFAULT_RECIPE, recipe_key
+    from training.toy.base import DEFAULT_RECIPE, recipe_key
 
     cache = tmp_path / "cache"
     base = cache / f"toy-base-{recipe_key(DEFAULT_RECIPE)}"
@@ -278,7 +278,7 @@ def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(t
 
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
-    from training.evaluate import sample_split
+    from training.evaluation import sample_split
 
     tasks = ["animal_scene", "style_transfer"]
     common = ["--manifest", str(world), "--model", str(micro), "--tasks", *tasks, "--seed", "3",

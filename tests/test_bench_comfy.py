@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.bench import main
-from training.bench_generators import apply_overrides
-from training.bench_run import SEED_STRIDE, RunDir
+from training.bench.cli import main
+from training.bench.generators import apply_overrides
+from training.bench.run_folder import RunDir
+from training.seeds import SEED_STRIDE
 from training.toy.world import generate_world
 
 

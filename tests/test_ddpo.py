@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from ddpo_helpers import ddpo_config, metrics, micro_setup
 from judge.toy import ToyJudge
 from judge.verdict import QUESTIONS, Unjudged
-from training import ddpo as ddpo_module
-from training.ddpo import DDPO_LORA, train_ddpo
-from training.ddpo_config import DDPOConfig
-from training.ddpo_math import PerPromptStatTracker, RewardBaseline
-from training.ddpo_rollout import Slot
-from training.ddpo_update import compute_advantages, policy_loss
+from training.ddpo import loop as ddpo_module
+from training.ddpo.loop import DDPO_LORA, train_ddpo
+from training.ddpo.config import DDPOConfig
+from training.ddpo.objective import PerPromptStatTracker, RewardBaseline
+from training.ddpo.rollout import Slot
+from training.ddpo.update import compute_advantages, policy_loss
 from training.lora_io import load_lora
 
 

@@ -7,9 +7,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.ddpo_math import (
-    PerPromptStatTracker, RewardBaseline, approx_kl, clip_advantages, clip_fraction, clipped_policy_loss,
-    ddpo_loss, gaussian_kl, zero_advantage_group_share,
+from training.ddpo.objective import (
+    PerPromptStatTracker,
+    RewardBaseline,
+    approx_kl,
+    clip_advantages,
+    clip_fraction,
+    clipped_policy_loss,
+    ddpo_loss,
+    gaussian_kl,
+    zero_advantage_group_share,
 )
 
 REWARDS_PER_RANK = [  # iteration -> rank -> local rewards

@@ -13,7 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dual_rope.lora_meta import (
-    HEADER_KEYS, LoraFileError, LoraMetadata, LoraMetadataError, base_fingerprint, lora_content_hash, parse_header,
+    HEADER_KEYS,
+    LoraFileError,
+    LoraMetadata,
+    LoraMetadataError,
+    base_fingerprint,
+    lora_content_hash,
+    parse_header,
 )
 from training.lora_io import apply_lora_diffusers, load_lora, save_lora, transformer_fingerprint
 

@@ -228,5 +228,5 @@ def test_toy_base_builds_once_then_comes_from_cache(tmp_path):
     start = time.perf_counter()
     assert toy_base(tmp_path, **quick) == path
     assert time.perf_counter() - start < 2.0
-    from training.toy_base import DEFAULT_RECIPE, recipe_key
+    from training.toy.base import DEFAULT_RECIPE, recipe_key
     assert recipe_key(dict(DEFAULT_RECIPE, base_steps=3)) != recipe_key(DEFAULT_RECIPE)  # another recipe, another folder

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from ddpo_helpers import TASKS, ddpo_values, metrics
-from training import ddpo as ddpo_module
-from training.pipeline import main
+from training.ddpo import loop as ddpo_module
+from training.ddpo.pipeline import main
 
 TINY_RECIPE = {"single_train": 16, "single_test": 4, "vae_images": 16, "vae_steps": 10, "base_steps": 4,
                "base_batch": 4, "sample_steps": 3}

@@ -1,4 +1,4 @@
-"""``python -m training.plan``: exact counts, the activation formula against real runs, the verdicts.
+"""``python -m training.memory``: exact counts, the activation formula against real runs, the verdicts.
 
 The formula (training/memory_model.py) is checked on small diffusers Flux models with peft LoRA
 on CPU: the bytes autograd saves (saved-tensor hooks, deduplicated by storage) must match exactly
@@ -16,8 +16,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from peft import LoraConfig
 
-from training.memory_model import DEFAULT_TARGETS, Dims, Tokens, activation_peak, saved_activations
-from training.plan import PAPER, SCENARIOS, estimate, main
+from training.memory.model import DEFAULT_TARGETS, Dims, Tokens, activation_peak, saved_activations
+from training.memory.cli import PAPER, SCENARIOS, estimate, main
 
 HEAD_DIM, HEADS, RANK, DOUBLE, SINGLE = 24, 4, 12, 2, 3
 N_IMG, N_TXT = 96, 20

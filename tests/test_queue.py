@@ -17,7 +17,14 @@ import pytest
 from PIL import Image
 
 from comfy_host import REPO, free_port
-from workflows.comfy_errors import ComfyError, ExecutionFailed, MissingNodes, ServerUnavailable, ValidationFailed, WorkflowError
+from workflows.comfy_errors import (
+    ComfyError,
+    ExecutionFailed,
+    MissingNodes,
+    ServerUnavailable,
+    ValidationFailed,
+    WorkflowError,
+)
 from workflows.fill import check_node_types, fill_workflow, load_workflow, pack_node_ids
 from workflows.queue import Job, queue_job, read_jobs, run_batch
 

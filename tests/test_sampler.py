@@ -8,8 +8,18 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
 from dual_rope.diffusers_adapter import prepare_references
 from training.sampler import (
-    SamplerConfig, Trajectory, euler_step, flux_model_fn, gaussian_logprob, initial_noise, logprob_of_transition,
-    ode_sample, rollout, sde_mean, sde_step, train_step_indices,
+    SamplerConfig,
+    Trajectory,
+    euler_step,
+    flux_model_fn,
+    gaussian_logprob,
+    initial_noise,
+    logprob_of_transition,
+    ode_sample,
+    rollout,
+    sde_mean,
+    sde_step,
+    train_step_indices,
 )
 from training.schedule import resolution_shift, sigma_schedule
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sft_helpers import micro_model, micro_world, sft_config, write_lines
 from training.checkpoint import list_checkpoints
-from training.trainer import train
+from training.sft.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_cli_trains_and_names_bad_input(micro, world, tmp_path):
 
 
 def test_sample_split_returns_outputs_in_manifest_order(micro, world, tmp_path):
-    from training.evaluate import sample_split
+    from training.evaluation import sample_split
     from training.models import load_kontext
 
     cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 2}, optim={"lr": 0.05},

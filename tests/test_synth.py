@@ -16,11 +16,11 @@ from PIL import Image
 from judge.base import Judge
 from judge.verdict import Unjudged, Verdict
 from synth_fakes import KEY_ENV, SECRET, FakeAPI, color_name, make_pools, mean_color, valid_plan
-from training.manifest import parse_line
-from training.synth import run_synthesis
-from training.synth_config import ConfigError, load_config, parse_config
-from training.synth_pairs import iter_pairs, pair_key, scan_pools, split_of
-from training.synth_plan import parse_reply, schema_errors
+from judge.manifest import parse_line
+from training.synth.loop import run_synthesis
+from training.synth.config import ConfigError, load_config, parse_config
+from training.synth.pairs import iter_pairs, pair_key, scan_pools, split_of
+from training.synth.instructions import parse_reply, schema_errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -318,7 +318,7 @@ def test_config_rejects_unknown_fields_and_insecure_key_use(tmp_path):
 def test_unknown_judge_profile_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("DUALREF_JUDGE_CONFIG", raising=False)
-    from training.synth import Synthesizer
+    from training.synth.loop import Synthesizer
 
     endpoint = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
     cfg = parse_config({"pools": {}, "tasks": {}, "llm": endpoint, "image": endpoint, "judge": {"profile": "nope"}}, tmp_path)

@@ -77,9 +77,9 @@ def test_cli_builds_prints_and_reruns_from_cache(tmp_path, capsys, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the rerun must come from the cache")
 
-    monkeypatch.setattr("training.trainer.train", forbidden)
+    monkeypatch.setattr("training.sft.trainer.train", forbidden)
     monkeypatch.setattr("training.models.load_kontext", forbidden)
-    monkeypatch.setattr("training.evaluate.sample_split", forbidden)
+    monkeypatch.setattr("training.evaluation.sample_split", forbidden)
     assert toy_cli.main(args) == 0
     second = capsys.readouterr().out
     strip = [line for line in second.splitlines() if not line.startswith("(total")]

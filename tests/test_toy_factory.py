@@ -2,7 +2,7 @@
 import torch
 
 from training.toy.templates import vocabulary
-from training.toy_models import build_components, qk_norm_parameters
+from training.toy.models import build_components, qk_norm_parameters
 
 
 def test_qk_norm_init_sets_every_query_key_norm_and_nothing_else():
@@ -22,7 +22,7 @@ def test_pretraining_trains_the_noise_levels_where_sampling_starts(tmp_path):
     decided; the base's pretraining must draw those noise levels often (unshifted logit-normal: ~1 %)."""
     from training.flow import draw_sigmas_and_noise
     from training.schedule import sigma_schedule
-    from training.toy_base import DEFAULT_RECIPE, pretrain_config
+    from training.toy.base import DEFAULT_RECIPE, pretrain_config
 
     cfg = pretrain_config(tmp_path, tmp_path, DEFAULT_RECIPE, progress=False)
     first_steps = sigma_schedule(DEFAULT_RECIPE["sample_steps"], 64, None)[:3]
@@ -39,7 +39,7 @@ def test_interrupted_vae_training_resumes_to_the_uninterrupted_weights(tmp_path)
     import pytest
     from diffusers import AutoencoderKL
 
-    from training.toy_models import toy_config, train_vae
+    from training.toy.models import toy_config, train_vae
 
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
 

@@ -174,7 +174,7 @@ def test_judge_imports_inside_the_pack_as_comfyui_names_it():
     try:
         spec.loader.exec_module(package)
         toy = importlib.import_module(f"{name}.judge.toy")
-        assert f"{name}.training.toy.scene" in sys.modules  # the sibling, not the top-level copy
+        assert f"{name}.judge.toy.scene" in sys.modules  # the sibling, not the top-level copy
         sample = make_sample("person_scene", 0, 0)
         verdict = toy.ToyJudge().judge(toy.JudgeRequest(sample.instruction, *sample.refs, sample.target, plan=sample.plan))
         assert verdict.reward == 1.0

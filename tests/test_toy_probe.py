@@ -14,14 +14,14 @@ QUICK = dict(single_train=8, single_test=6, vae_images=16, vae_steps=2, base_ste
 
 @pytest.fixture(scope="module")
 def quick_base(tmp_path_factory):
-    from training.toy_base import toy_base
+    from training.toy.base import toy_base
 
     path = toy_base(tmp_path_factory.mktemp("probe-cache"), **QUICK)
     return path, Path(json.loads((path / "dualref.json").read_text())["world"]) / "manifest.jsonl"
 
 
 def test_prediction_is_the_target_at_sigma_0_and_reads_the_instruction(quick_base):
-    from training.evaluate import cached_split
+    from training.evaluation import cached_split
     from training.flow import FlowMatchingModel
     from training.models import load_kontext
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.manifest import SINGLE_TASKS, TASKS, parse_line
-from training.toy import scene as toy_scene
+from judge.manifest import SINGLE_TASKS, TASKS, parse_line
+from judge.toy import scene as toy_scene
 from training.toy.tasks import CONTRAST
 from training.toy.templates import vocabulary
 from training.toy.world import ALL_TASKS, WORLD_VERSION, generate_world, make_sample

@@ -27,7 +27,7 @@ from workflows.fill import fill_workflow, load_workflow, nodes_titled
 from workflows.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph
 
 try:
-    from training.manifest import TASKS as MANIFEST_TASKS
+    from judge.manifest import TASKS as MANIFEST_TASKS
 except ImportError:  # pragma: no cover - the trainer's packages are part of the dev install
     MANIFEST_TASKS = TASKS
 

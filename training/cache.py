@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .data import Record, fit_size, image_size, load_pixels
-from .manifest import ManifestError
+from judge.manifest import ManifestError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Training data: a checked manifest, image sizes and aspect-ratio buckets, deterministic batches.
 
-- :func:`read_manifest` checks every line (shape via ``training.manifest.parse_line``, then the files:
+- :func:`read_manifest` checks every line (shape via ``judge.manifest.parse_line``, then the files:
   missing, unreadable, no target) and returns the good records and the bad lines with reasons.
 - :func:`load_manifest` is what the trainer calls: without ``skip_bad`` the first problem stops it
   with the full list of bad lines; with it, bad lines are skipped and listed in ``skipped.jsonl``.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .manifest import ManifestError, Sample, parse_line
+from judge.manifest import ManifestError, Sample, parse_line
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ run draws exactly what the uninterrupted one drew.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Sequence
 
@@ -19,10 +18,12 @@ from torch import nn
 
 from dual_rope.diffusers_adapter import dual_reference_forward, prepare_references
 
+from .seeds import keyed_generator
+
 
 def slot_generator(seed: int, step: int, slot: int) -> torch.Generator:
-    digest = hashlib.sha256(f"dualref-flow:{seed}:{step}:{slot}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    """The noise and sigma draw of one training slot (step -1: the validation loss's fixed draws)."""
+    return keyed_generator("dualref-flow", seed, step, slot)
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

@@ -20,8 +20,14 @@ from typing import Mapping
 import torch
 
 from dual_rope.lora_meta import (
-    KEY_PREFIX, LoraFileError, LoraMetadata, base_fingerprint, lora_content_hash, lora_modules,
-    read_dualref_metadata, read_safetensors_header,
+    KEY_PREFIX,
+    LoraFileError,
+    LoraMetadata,
+    base_fingerprint,
+    lora_content_hash,
+    lora_modules,
+    read_dualref_metadata,
+    read_safetensors_header,
 )
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,14 @@
 """Loading FLUX.1 Kontext-dev (or the toy base) with no network: one bundle, one loading path.
 
+Every job loads its model with :func:`load_model` (its ``model`` config, the device, the precision);
+``"toy"`` as ``model.path`` is resolved to the toy base's folder by the entry points
+(:func:`training.toy.base.resolve_model_path`), never here.
+
 ``load_kontext(path)`` reads a local diffusers folder (``model_index.json``, ``transformer/``,
 ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``,
 ``scheduler/``); ``load_kontext(transformer=..., vae=..., clip_l=..., t5=...)`` reads ComfyUI-style
-single files with the config folders in ``training/model_configs/kontext``. The toy base built by
-:func:`toy_base` is such a folder, so tiny and real models load through the same code.
+single files with the config folders in ``training/model_configs/kontext``. The toy base is such a
+folder, so tiny and real models load through the same code.
 
 Components load lazily on first use and can be released (e.g. the 9 GB T5 once the text
 embeddings are cached). An optional ``dualref.json`` in the folder holds what diffusers' files do
@@ -21,8 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .model_files import ModelFileError, check_kind, file_fingerprint, load_text_encoder_file, \
-    load_transformer_file, load_vae_file
+from .model_files import (
+    ModelFileError,
+    check_kind,
+    file_fingerprint,
+    load_text_encoder_file,
+    load_transformer_file,
+    load_vae_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +42,8 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 _EXPECTED = {"transformer": ("flux_diffusers",), "vae": ("vae_diffusers",), "text_encoder": ("clip",),
              "text_encoder_2": ("t5",)}
 
-__all__ = ["KontextBundle", "KontextSource", "ModelFileError", "load_kontext", "resolve_kontext", "toy_base"]
+__all__ = ["KontextBundle", "KontextSource", "ModelFileError", "load_kontext", "load_model", "resolve_kontext"]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -59,7 +70,7 @@ def _folder_weights(root: Path, component: str) -> list[Path]:
     folder = root / component
     if not (folder / "config.json").is_file():
         raise ModelFileError(root, f"no {component}/config.json in this diffusers folder",
-                             "pass the folder of a complete FLUX.1 Kontext-dev download (or training.models.toy_base())")
+                             "pass the folder of a complete FLUX.1 Kontext-dev download")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".ckpt"))
@@ -102,6 +113,10 @@ def resolve_kontext(path=None, *, transformer=None, vae=None, clip_l=None, t5=No
     """Locate and check every component (files exist, are whole safetensors of the right kind)."""
     if path is not None:
         root = Path(path).expanduser()
+        if str(path) == "toy":
+            raise ModelFileError("model.path", "'toy' names the toy base, which the entry points resolve to its folder",
+                                 "run it through python -m training.sft / .ddpo / .bench, or pass "
+                                 "training.toy.base.resolve_model_path('toy')")
         if root.is_file():  # a single transformer file given as the model
             transformer = root
         elif not (root / "model_index.json").is_file():
@@ -141,8 +156,10 @@ def resolve_kontext(path=None, *, transformer=None, vae=None, clip_l=None, t5=No
 class KontextBundle:
     """The Kontext components, loaded on first use; encode/decode helpers shared by SFT, DDPO, bench."""
 
-    def __init__(self, source: KontextSource, dtype=torch.float32, vae_dtype=torch.float32, device="cpu"):
+    def __init__(self, source: KontextSource, dtype=torch.float32, vae_dtype=torch.float32, device="cpu",
+                 text_dtype=torch.float32):
         self.source, self.dtype, self.vae_dtype, self.device = source, dtype, vae_dtype, torch.device(device)
+        self.text_dtype = text_dtype
         self._loaded: dict[str, object] = {}
         self._fingerprints: dict[str, str] = {}
 
@@ -164,7 +181,7 @@ class KontextBundle:
             obj = load_vae_file(src.weights[name][0], src.configs[name].parent, self.vae_dtype)
         else:
             kind = "clip" if name == "text_encoder" else "t5"
-            obj = load_text_encoder_file(src.weights[name][0], src.configs[name], kind, self.dtype)
+            obj = load_text_encoder_file(src.weights[name][0], src.configs[name], kind, self.text_dtype)
         if isinstance(obj, torch.nn.Module):
             obj = obj.to(self.device).eval()
             if name != "transformer":
@@ -178,7 +195,7 @@ class KontextBundle:
 
         cls = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "text_encoder_2": T5EncoderModel}[name]
-        dtype = self.vae_dtype if name == "vae" else self.dtype
+        dtype = {"transformer": self.dtype, "vae": self.vae_dtype}.get(name, self.text_dtype)
         try:
             return cls.from_pretrained(str(self.source.configs[name]), torch_dtype=dtype, local_files_only=True,
                                        use_safetensors=True)
@@ -269,21 +286,21 @@ class KontextBundle:
 
 
 def load_kontext(path=None, *, transformer=None, vae=None, clip_l=None, t5=None, tokenizers=None,
-                 dtype=torch.float32, vae_dtype=torch.float32, device="cpu", configs=KONTEXT_CONFIGS,
-                 toy_cache_dir=None) -> KontextBundle:
-    """Kontext from a diffusers folder (``path``), from single files, or ``path="toy"`` for the toy base.
+                 dtype=torch.float32, vae_dtype=torch.float32, device="cpu", configs=KONTEXT_CONFIGS) -> KontextBundle:
+    """Kontext from a diffusers folder (``path``) or from single files. Nothing is downloaded.
 
-    Nothing is downloaded. Components load on first use (``bundle.transformer`` etc.).
+    Components load on first use (``bundle.transformer`` etc.). Jobs call :func:`load_model`.
     """
-    if path == "toy":
-        path = toy_base(cache_dir=toy_cache_dir)
     source = resolve_kontext(path, transformer=transformer, vae=vae, clip_l=clip_l, t5=t5,
                              tokenizers=tokenizers, configs=configs)
     return KontextBundle(source, dtype=dtype, vae_dtype=vae_dtype, device=device)
 
 
-def toy_base(cache_dir=None, **kwargs) -> Path:
-    """Path of the tiny single-reference base (built and pretrained once, then from cache)."""
-    from .toy_base import toy_base as build
-
-    return build(cache_dir=cache_dir, **kwargs)
+def load_model(model, *, device, precision: str) -> KontextBundle:
+    """The one way a job loads its model: the ``model`` config section, on ``device``, the transformer
+    in ``precision`` (``fp32`` | ``bf16``); the VAE and text encoders stay fp32 (cached latents and
+    embeddings are keyed by their weights, not their dtype)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return load_kontext(model.path, transformer=model.transformer, vae=model.vae, clip_l=model.clip_l, t5=model.t5,
+                        tokenizers=model.tokenizers, device=device, dtype=PRECISIONS[precision])

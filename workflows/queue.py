@@ -45,7 +45,7 @@ from .comfy_errors import ComfyError
 from .fill import check_node_types, fill_workflow, load_workflow, output_node_ids
 
 try:
-    from training.manifest import TASKS
+    from judge.manifest import TASKS
 except ImportError:  # the client alone, without the trainer's packages on the path
     TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
 

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..manifest import TASKS
+from judge.manifest import TASKS
 
 DEFAULT_LAYOUTS = ("offset", "index", "diagonal")
 DEFAULT_SFT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy_sft.json"
@@ -80,7 +80,7 @@ def sft_run(base: Path, manifest: Path, out: Path, layout: str, args) -> tuple[P
     """The LoRA of one SFT run (trained now, or reused when ``out`` holds a finished run of the same
     config, base and data) and its training wall time in seconds."""
     from ..config import load_config
-    from ..trainer import train
+    from ..sft.trainer import train
     from .tables import file_digest
 
     overrides = [f"model.path={base}", f"data.manifest={manifest}", f"train.layout={layout}",
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     from ..models import load_kontext
-    from ..toy_base import toy_base
+    from .base import toy_base
     from .tables import evaluate, gains_markdown, paired_gains, questions_markdown, table2_markdown, wins
     from .world import generate_world
 

@@ -25,8 +25,18 @@ import io
 import numpy as np
 from PIL import Image
 
-from .scene import (BACKGROUND_COLOURS, COLOURS, FIGURE_COLUMNS, OBJECT_COLOURS, PLACES, background_samples,
-                    colour_distance, render, rgb, shape_box)
+from judge.toy.scene import (
+    BACKGROUND_COLOURS,
+    COLOURS,
+    FIGURE_COLUMNS,
+    OBJECT_COLOURS,
+    PLACES,
+    background_samples,
+    colour_distance,
+    render,
+    rgb,
+    shape_box,
+)
 from .tasks import CONTRAST, GROUP_SLOTS
 
 FAILURES = ("ref1", "ref2", "blank", "noise", "wrong_place", "wrong_colour", "wrong_size", "half",

@@ -49,10 +49,10 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
     from judge.toy import ToyJudge
 
     from ..data import to_uint8
-    from ..evaluate import SampleOutput, applied_lora, cached_split
+    from ..evaluation import SampleOutput, applied_loras, cached_split
     from ..flow import FlowMatchingModel
     from ..models import load_kontext
-    from ..validation import by_bucket
+    from ..evaluation import by_bucket
 
     bundle = load_kontext(model_dir)
     entries, dataset = cached_split(bundle, manifest, split, limit=limit, require_target=True, progress=False)
@@ -72,7 +72,7 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
             picked[group] += 1
             if picked[group] <= grid_per_group:
                 grid_rows[i] = []
-    with applied_lora(bundle.transformer, lora):
+    with applied_loras(bundle.transformer, [(lora, 1.0)] if lora else []):
         for chunk in by_bucket(dataset, range(len(dataset)), batch_size):  # equal shapes stack
             batch = dataset.batch(chunk)
             noise = torch.stack([torch.randn(tuple(batch.target.shape[1:]),  # one noise per sample, any batching
@@ -113,11 +113,11 @@ def _group(sample) -> str:
 
 
 def write_grid(path, rows: list[list[np.ndarray]], columns: list[str], labels: list[str], scale: int = 2) -> Path:
-    """:func:`training.validation.image_grid` of (H, W, 3) uint8 tiles, one row per sample, each tile
+    """:func:`training.evaluation.image_grid` of (H, W, 3) uint8 tiles, one row per sample, each tile
     enlarged ``scale`` times without smoothing; column titles above, each row's label at its left."""
     from PIL import ImageDraw
 
-    from ..validation import image_grid
+    from ..evaluation import image_grid
 
     pad, head = 4, 14
     grid = image_grid([[tile.repeat(scale, 0).repeat(scale, 1) for tile in tiles] for tiles in rows], pad=pad)
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             p.error(f"sigma {s} is outside [0, 1]")
     model = args.model
     if model is None:
-        from ..toy_base import toy_base
+        from .base import toy_base
 
         model = toy_base()
     manifest = args.manifest or Path(json.loads((model / "dualref.json").read_text())["world"]) / "manifest.jsonl"

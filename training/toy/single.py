@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 from . import templates
-from .scene import OBJECT_COLOURS, PLACES, SHAPES, TEXTURES, background_samples, rgb, shape_box
+from judge.toy.scene import OBJECT_COLOURS, PLACES, SHAPES, TEXTURES, background_samples, rgb, shape_box
 from .tasks import Case, choice, make_plan, pick_colour, random_background, scene, shape_element
 
 OPERATIONS = ("recolour", "move", "add", "remove")

@@ -61,7 +61,7 @@ def evaluate(model_dir, manifest, out_dir, *, layout: str, split: str = "test", 
             return saved["summary"], saved["samples"]
     from judge.toy import ToyJudge
 
-    from ..evaluate import sample_split
+    from ..evaluation import sample_split
     from ..models import load_kontext
 
     start = time.perf_counter()

@@ -21,8 +21,21 @@ import copy
 from dataclasses import dataclass
 
 from . import templates
-from .scene import (BACKGROUND_COLOURS, FIGURE_COLUMNS, OBJECT_COLOURS, PLACES, POSES, SHAPES,
-                    SKIN_COLOURS, TEXTURES, background_samples, colour_distance, figure_box, rgb, shape_box)
+from judge.toy.scene import (
+    BACKGROUND_COLOURS,
+    FIGURE_COLUMNS,
+    OBJECT_COLOURS,
+    PLACES,
+    POSES,
+    SHAPES,
+    SKIN_COLOURS,
+    TEXTURES,
+    background_samples,
+    colour_distance,
+    figure_box,
+    rgb,
+    shape_box,
+)
 
 PLAN_VERSION = 1
 CONTRAST = 110.0  # between an element and what lies under or around it

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .scene import BACKGROUND_COLOURS, OBJECT_COLOURS, PLACES, SHAPES
+from judge.toy.scene import BACKGROUND_COLOURS, OBJECT_COLOURS, PLACES, SHAPES
 
 REF_NAMES = (("image 1", "image 2"), ("the first image", "the second image"),
              ("the first picture", "the second picture"))

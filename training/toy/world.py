@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..manifest import SINGLE_TASKS, TASKS, Sample, write_manifest
-from .scene import render
+from judge.manifest import SINGLE_TASKS, TASKS, Sample, write_manifest
+from judge.toy.scene import render
 from .single import single_edit
 from .tasks import BUILDERS, PLAN_VERSION, NoChoice
 from .templates import vocabulary

@@ -1,0 +1,310 @@
+"""The benchmark's two generators: headless diffusers (+ dual_rope, LoRAs) and ComfyUI over its API.
+
+Both take the samples still lacking an output and yield one :class:`GenResult` per sample; a
+sample that cannot be generated (missing reference, failed job) comes back with its reason and is
+reported as such, never scored. ``identity()`` says what makes their outputs what they are: a
+run folder refuses to mix outputs of two identities.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .run_folder import BenchError, RunDir, Selected
+
+log = logging.getLogger(__name__)
+
+NO_LORA = "none"
+
+
+@dataclass
+class GenResult:
+    selected: Selected
+    image: object | None  # HxWx3 uint8 array or the path of a downloaded image; None on error
+    error: str | None
+    seconds: float
+
+
+def generate_missing(run: RunDir, selected: list[Selected], generator) -> dict:
+    """Generate the outputs ``run`` lacks; existing ones are kept as they are. Returns counts."""
+    have = run.output_ids()
+    todo = [s for s in selected if s.id not in have]
+    counts = {"reused": len(selected) - len(todo), "generated": 0, "errors": 0}
+    start = time.perf_counter()
+    for result in generator.generate(todo, run) if todo else ():
+        error = result.error
+        if error is None:
+            try:
+                run.save_output(result.selected.id, result.image)
+            except (OSError, ValueError) as e:
+                error = f"could not save the output ({e})"
+        run.log_generation(result.selected, generator.kind, error, result.seconds)
+        counts["generated" if error is None else "errors"] += 1
+        if error is not None:
+            log.warning("no output for %s: %s", result.selected.id, error)
+    counts["seconds"] = round(time.perf_counter() - start, 2)
+    return counts
+
+
+# -- headless -----------------------------------------------------------------------------------------
+class HeadlessGenerator:
+    """Deterministic Euler sampling of a Kontext model (diffusers folder or the toy base) with the
+    dual_rope layout and optional LoRAs, as ``training.evaluation.sample_split`` samples: same cache,
+    same batches by shape, same per-sample seeds, so a full run reproduces its outputs exactly."""
+
+    kind = "headless"
+
+    def __init__(self, model="toy", loras=(), layout: str = "diagonal", steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, batch_size: int = 16, cache_dir=None,
+                 max_pixels: int = 512 * 512, bundle=None, progress: bool = True):
+        from dual_rope import METHODS
+
+        from ..lora_io import load_lora
+        from ..evaluation import sampler_config
+
+        if layout not in METHODS:
+            raise BenchError(f"unknown --layout {layout!r}; use one of {', '.join(METHODS)}")
+        if bundle is None:
+            raise BenchError("HeadlessGenerator needs a loaded model (training.models.load_model)")
+        self.bundle, self.model_arg = bundle, str(model)  # model: the name in labels ("toy", or what the user gave)
+        self.loras = []
+        for path, scale in loras:
+            path = Path(path)
+            if not path.is_file():
+                raise BenchError(f"LoRA file not found: {path}; pass the .safetensors written by "
+                                 "python -m training.sft / training.ddpo")
+            self.loras.append((path, float(scale), load_lora(path)[1]))
+        self.layout, self.seed, self.batch_size = layout, int(seed), int(batch_size)
+        self.cache_dir, self.max_pixels, self.progress = cache_dir, int(max_pixels), progress
+        self.config = sampler_config(self.bundle.settings, steps, guidance)
+        self.warnings: list[str] = []
+        self.gates = self._check_loras() if self.loras else None
+
+    @property
+    def label(self) -> str:
+        name = "toy" if self.model_arg == "toy" else self.bundle.source.name
+        layout = "" if self.layout == "diagonal" else f" ({self.layout})"
+        return "+".join([name] + [p.stem for p, _, _ in self.loras]) + layout
+
+    def identity(self) -> dict:
+        from ..lora_io import lora_content_hash
+
+        return {"generator": self.kind, "transformer": self.bundle.fingerprint("transformer"),
+                "vae": self.bundle.fingerprint("vae"), "layout": self.layout, "seed": self.seed,
+                "steps": self.config.num_steps, "guidance": list(self.config.guidance), "shift": self.config.shift,
+                "loras": [[lora_content_hash(p), scale] for p, scale, _ in self.loras]}
+
+    def describe(self) -> dict:
+        return {"generator": self.kind, "model": self.model_arg, "model_path": str(self.bundle.source.root or ""),
+                "loras": [{"path": str(p.resolve()), "scale": s, "stage": m.stage if m else None}
+                          for p, s, m in self.loras],
+                "layout": self.layout, "steps": self.config.num_steps, "guidance": self.config.guidance[0],
+                "seed": self.seed, "warnings": self.warnings}
+
+    def _check_loras(self) -> list[float] | None:
+        """Fail on a LoRA for another base model; warn on a layout mismatch. Returns the learned gates."""
+        gates = None
+        base = self.bundle.base_fingerprint()
+        for path, _, meta in self.loras:
+            if meta is None:
+                continue
+            if meta.base_fingerprint and meta.base_fingerprint != base:
+                raise BenchError(f"LoRA {path} was trained on another base model (fingerprint "
+                                 f"{meta.base_fingerprint[:16]}..., this model {base[:16]}...); pass the --model it "
+                                 "was trained on, or a LoRA trained on this one")
+            if meta.layout != self.layout:
+                self.warnings.append(f"LoRA {path.name} was trained with layout {meta.layout!r} but is sampled "
+                                     f"with {self.layout!r}")
+                log.warning(self.warnings[-1])
+            if meta.gates:  # learned gates compound across the stacked LoRAs, as in DualLoRAApply
+                prev, new = list(gates or []), list(meta.gates)
+                gates = [(prev[k] if k < len(prev) else 1.0) * (new[k] if k < len(new) else 1.0)
+                         for k in range(max(len(prev), len(new)))]
+        return gates
+
+    def generate(self, todo: list[Selected], run: RunDir) -> Iterator[GenResult]:
+        import torch
+        from tqdm import tqdm
+
+        from ..cache import CachedDataset, EmbeddingCache, prepare_cache
+        from ..data import Record, check_image, to_uint8
+        from ..evaluation import applied_loras, by_bucket, sample_batch
+
+        records, by_index = [], {s.index: s for s in todo}
+        for s in todo:
+            refs = [run.root / p for p in s.sample.images]
+            problems = [f"reference {k + 1} {p}: {why}" for k, p in enumerate(refs) if (why := check_image(p))]
+            if problems:
+                yield GenResult(s, None, "; ".join(problems), 0.0)
+                continue
+            target = run.root / s.sample.target if s.sample.target else None
+            if target is not None and check_image(target):
+                target = None  # the output then takes reference 1's size; the report shows no target
+            records.append(Record(s.index, s.sample, refs, target))  # line_no carries the seed index
+        if not records:
+            return
+        cache_root = Path(self.cache_dir) if self.cache_dir else run.root / ".cache"
+        cache = EmbeddingCache.for_bundle(cache_root, self.bundle)
+        entries, stats = prepare_cache(records, self.bundle, cache, max_pixels=self.max_pixels, skip_bad=True,
+                                       progress=self.progress, manifest=run.manifest)
+        for index, reason in stats.failed or []:
+            yield GenResult(by_index[index], None, reason, 0.0)
+        dataset = CachedDataset(entries, cache)
+        chunks = by_bucket(dataset, range(len(dataset)), self.batch_size)
+        transformer = self.bundle.transformer
+        with applied_loras(transformer, [(p, s) for p, s, _ in self.loras]):
+            for chunk in tqdm(chunks, desc=f"generating ({self.layout})", unit="batch", disable=not self.progress):
+                picked = [by_index[entries[i].record.line_no] for i in chunk]
+                start = time.perf_counter()
+                try:
+                    with torch.no_grad():
+                        latents = sample_batch(transformer, dataset.batch(chunk), self.layout, self.config,
+                                               [s.seed for s in picked], self.gates, self.bundle.device)
+                        pixels = self.bundle.decode_latents(latents)
+                except (RuntimeError, ValueError) as e:  # reported per sample; the rest of the run goes on
+                    log.exception("sampling failed for %s", [s.id for s in picked])
+                    for s in picked:
+                        yield GenResult(s, None, f"sampling failed ({type(e).__name__}: {e})", 0.0)
+                    continue
+                each = (time.perf_counter() - start) / len(chunk)
+                for s, p in zip(picked, pixels):
+                    yield GenResult(s, to_uint8(p), None, each)
+
+
+# -- ComfyUI --------------------------------------------------------------------------------------------
+def _nodes(graph: dict, class_type: str) -> list[str]:
+    return [nid for nid, node in graph.items() if node.get("class_type") == class_type]
+
+
+def apply_overrides(graph: dict, where: str, *, model=None, sft_lora=None, ddpo_lora=None, layout=None,
+                    steps=None, guidance=None) -> dict:
+    """A copy of an API graph with the benchmark's settings set on the standard nodes.
+
+    ``sft_lora="none"`` takes DualLoRAApply out (its consumers read the model it was given): the base.
+    """
+    from workflows.comfy_errors import WorkflowError
+
+    graph = copy.deepcopy(graph)
+
+    def put(class_type: str, name: str, value, flag: str):
+        ids = _nodes(graph, class_type)
+        if not ids:
+            raise WorkflowError(f"{where}: no {class_type} node to apply {flag} to; use a workflow that has one")
+        for nid in ids:
+            graph[nid].setdefault("inputs", {})[name] = value
+
+    if model is not None:
+        put("UNETLoader", "unet_name", model, "--model")
+    if layout is not None:
+        put("DiagonalPositionPatch", "method", layout, "--layout")
+    if steps is not None:
+        put("KSampler", "steps", int(steps), "--steps")
+    if guidance is not None:
+        put("FluxGuidance", "guidance", float(guidance), "--guidance")
+    if sft_lora == NO_LORA:
+        if ddpo_lora not in (None, NO_LORA):
+            raise WorkflowError(f"{where}: --lora2 needs an SFT --lora under it (DualLoRAApply stacks DDPO on SFT)")
+        for nid in _nodes(graph, "DualLoRAApply"):
+            source = graph.pop(nid)["inputs"]["model"]
+            for node in graph.values():
+                for key, value in node.get("inputs", {}).items():
+                    if isinstance(value, list) and len(value) == 2 and str(value[0]) == nid:
+                        if value[1] != 0:
+                            raise WorkflowError(f"{where}: node uses DualLoRAApply's report output; cannot bypass it")
+                        node["inputs"][key] = source
+        return graph
+    if sft_lora is not None:
+        put("DualLoRAApply", "sft_lora", sft_lora, "--lora")
+    if ddpo_lora is not None:
+        put("DualLoRAApply", "ddpo_lora", "None" if ddpo_lora == NO_LORA else ddpo_lora, "--lora2")
+    return graph
+
+
+class ComfyGenerator:
+    """Queues each sample's task workflow (``workflows/api/<task>.json``, or ``<workflow_dir>/<task>.json``)
+    on one or more ComfyUI servers with ``workflows.queue.run_batch``. Model and LoRA names are file
+    names in the servers' models folders."""
+
+    kind = "comfyui"
+
+    def __init__(self, servers, workflow_dir=None, model=None, sft_lora=None, ddpo_lora=None, layout=None,
+                 steps=None, guidance=None, seed: int = 0, timeout: float | None = None, progress: bool = True):
+        from workflows.fill import load_workflow
+        from workflows.task_graphs import TASKS
+
+        if not servers:
+            raise BenchError("--generator comfyui needs at least one --server URL (e.g. http://127.0.0.1:8188)")
+        self.servers, self.seed, self.timeout, self.progress = list(servers), int(seed), timeout, progress
+        self.settings = dict(model=model, sft_lora=sft_lora, ddpo_lora=ddpo_lora, layout=layout, steps=steps,
+                             guidance=guidance)
+        self.graphs = {}
+        for task in TASKS:
+            path = Path(workflow_dir) / f"{task}.json" if workflow_dir else None
+            if path is not None and not path.is_file():
+                continue
+            self.graphs[task] = apply_overrides(load_workflow(task, path), str(path or task), **self.settings)
+        if not self.graphs:
+            raise BenchError(f"no <task>.json API workflows in {workflow_dir}")
+        self.paths: dict[str, Path] = {}
+
+    @property
+    def label(self) -> str:
+        lora = self.settings["sft_lora"]
+        parts = ["comfyui", self.settings["model"] or "workflow model"]
+        if lora != NO_LORA:
+            parts.append(Path(lora).stem if lora else "workflow LoRA")
+        if self.settings["ddpo_lora"] not in (None, NO_LORA):
+            parts.append(Path(self.settings["ddpo_lora"]).stem)
+        layout = self.settings["layout"]
+        return "+".join(parts) + (f" ({layout})" if layout not in (None, "diagonal") else "")
+
+    def identity(self) -> dict:
+        blob = json.dumps(self.graphs, sort_keys=True).encode()
+        return {"generator": self.kind, "workflows": hashlib.sha256(blob).hexdigest()[:16], "seed": self.seed}
+
+    def describe(self) -> dict:
+        return {"generator": self.kind, "servers": self.servers, "seed": self.seed,
+                **{k: v for k, v in self.settings.items() if v is not None}}
+
+    def _workflow_path(self, run: RunDir, task: str) -> Path:
+        """The exact graph queued for ``task``, kept in the run folder (what ran, and how to rerun it)."""
+        if task not in self.paths:
+            path = run.root / "workflows" / f"{task}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.graphs[task], indent=2, sort_keys=True) + "\n")
+            self.paths[task] = path
+        return self.paths[task]
+
+    def generate(self, todo: list[Selected], run: RunDir) -> Iterator[GenResult]:
+        from workflows.queue import Job, run_batch
+
+        jobs, by_id = [], {}
+        for s in todo:
+            if len(s.sample.images) != 2:
+                yield GenResult(s, None, "the ComfyUI task workflows take two references; use --generator headless "
+                                "for single-reference samples", 0.0)
+            elif s.sample.task not in self.graphs:
+                yield GenResult(s, None, f"no API workflow for task {s.sample.task}", 0.0)
+            else:
+                image1, image2 = (str(run.root / p) for p in s.sample.images)
+                jobs.append(Job(image1, image2, s.sample.instruction, s.sample.task,
+                                str(self._workflow_path(run, s.sample.task)), s.seed, s.id))
+                by_id[s.id] = s
+        if not jobs:
+            return
+        downloads = run.root / "comfy"
+        for result in run_batch(self.servers, jobs, downloads, resume=False, timeout=self.timeout,
+                                progress=self.progress):
+            s = by_id[result.job.id]
+            if result.ok and result.outputs:
+                yield GenResult(s, downloads / result.outputs[0], None, result.seconds)
+            else:
+                yield GenResult(s, None, result.error or "the job saved no image", result.seconds)

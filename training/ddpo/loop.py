@@ -1,0 +1,301 @@
+"""DDPO alignment with the judge (paper Sec. 3.3), and the project's main job.
+
+    python -m training.ddpo                                   # main job: toy world -> base -> SFT -> DDPO -> eval
+    python -m training.ddpo --out runs/toy/mine               # rerun the same command to resume it
+    python -m training.ddpo --config my_ddpo.json --set ddpo.iterations=200
+    accelerate launch --num_processes 8 -m training.ddpo --config training/configs/kontext_ddpo.json
+
+(The command line and the stages are in training/pipeline.py.) Read top to bottom, :func:`train_ddpo`
+does: data (the training tuples from the shared latent/text cache), model (base + frozen SFT LoRA
+merged + a fresh DDPO LoRA), judge, resume, then per iteration:
+
+1. plan: ``prompts_per_iteration`` tuples x ``group_size`` rollouts, each with its own seed and guidance;
+2. sample: SDE rollouts with per-step log-probs; every decoded batch goes to the judge at once while
+   the next batch is sampled; unjudged samples are retried, then dropped (never scored 0);
+3. advantages: rewards gathered from every process, then the paper's ``A = r - b`` (moving-average
+   baseline) or per-tuple group normalisation, identically on every process;
+4. update: PPO-clipped policy gradient on the stochastic (high-noise) steps, optional KL to the
+   adapter-disabled (SFT) model, gradients summed across processes, one optimizer step per minibatch;
+5. log, checkpoint, and every ``eval_every`` iterations an ODE check on held-out training tuples.
+
+At the end the DDPO LoRA is written as ``dualref_ddpo.safetensors`` (DESIGN contract 4, stage ddpo).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from judge.pool import JudgePool, collect
+from judge.verdict import QUESTIONS, Unjudged
+
+from . import state as ddpo_state
+from .. import interrupts
+from ..cache import CachedDataset, EmbeddingCache, prepare_cache
+from ..config import ConfigError
+from ..data import load_manifest
+from .config import DDPOConfig
+from .objective import PerPromptStatTracker, RewardBaseline
+from .rollout import RequestMaker, plan_iteration, reward_table, sample_and_judge
+from .update import compute_advantages, policy_update
+from ..sft.trainer import MetricsLog, spread
+from ..models import load_model
+from ..evaluation import sample_images, sampler_config
+
+log = logging.getLogger(__name__)
+
+DDPO_LORA = "dualref_ddpo.safetensors"
+
+
+@dataclass
+class DDPOResult:
+    run_dir: Path
+    iterations: int
+    lora_path: Path | None
+    metrics_path: Path
+    eval_reward: float | None  # last ODE check on the held-out training tuples
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path):
+    """The training tuples as a cached dataset; ``(dataset, rollout indices, held-out check indices)``."""
+    d = cfg.data
+    records = load_manifest(d.manifest, split=d.split, tasks=d.tasks, skip_bad=d.skip_bad, run_dir=run_dir,
+                            require_target=False)  # DDPO needs references and instructions, not targets
+    root = Path(d.cache_dir) if d.cache_dir else Path(d.manifest).parent / ".cache"
+    cache = EmbeddingCache.for_bundle(root, bundle)
+    entries = None
+    for first in (True, False):  # the main process encodes; the others then only read the cache
+        if first == accelerator.is_main_process:
+            entries, _ = prepare_cache(records, bundle, cache, max_pixels=d.max_pixels, skip_bad=d.skip_bad,
+                                       progress=cfg.run.progress and first, manifest=d.manifest)
+        accelerator.wait_for_everyone()
+    bundle.release("text_encoder", "text_encoder_2")
+    dataset = CachedDataset(entries, cache)
+    held_out = spread(len(dataset), d.val_count) if d.val_count else []
+    pool = [i for i in range(len(dataset)) if i not in set(held_out)]
+    if cfg.ddpo.prompts_per_iteration > len(pool):
+        raise ConfigError(f"ddpo.prompts_per_iteration={cfg.ddpo.prompts_per_iteration} exceeds the {len(pool)} "
+                          f"training tuples of {d.manifest} left for rollouts")
+    return dataset, pool, held_out
+
+
+def build_policy(cfg: DDPOConfig, bundle):
+    """Base + merged SFT LoRA + trainable DDPO LoRA. Returns (transformer, params, layout, gates, base fingerprint)."""
+    transformer = bundle.transformer
+    base_fingerprint = bundle.base_fingerprint()  # of the base itself, before the SFT LoRA is merged in
+    sft = ddpo_state.merge_lora_into_base(transformer, cfg.lora.sft)
+    layout = cfg.run.layout or (sft.layout if sft is not None else "diagonal")
+    if sft is not None and sft.layout != layout:
+        raise ConfigError(f"run.layout={layout!r} but the SFT LoRA {cfg.lora.sft} was trained with {sft.layout!r}; "
+                          "the DDPO LoRA must use its SFT LoRA's layout (leave run.layout unset)")
+    gates = list(sft.gates) if sft is not None and sft.gates else None
+    if cfg.run.precision == "bf16":
+        transformer.to(torch.bfloat16)
+    params = ddpo_state.add_ddpo_adapter(transformer, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
+                                         cfg.run.seed)
+    if cfg.run.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer, params, layout, gates, base_fingerprint
+
+
+@torch.no_grad()
+def evaluate_held_out(transformer, bundle, dataset, indices, judge_pool, make_request, config, layout, gates,
+                      seed: int) -> dict:
+    """ODE samples of the held-out training tuples, judged: the collapse / reward-hacking check."""
+    transformer.eval()
+    results = []
+    for chunk, images in sample_images(bundle, transformer, dataset, indices, layout, config, seed, gates):
+        results.extend(judge_pool.submit(make_request(i, image, f"eval-{i}")) for i, image in zip(chunk, images))
+    verdicts = [v for v in collect(results) if not isinstance(v, Unjudged)]  # unjudged: left out, counted
+    if not verdicts:
+        return {"eval_unjudged": len(results)}
+    out = {"eval_reward": sum(v.reward for v in verdicts) / len(verdicts), "eval_n": len(verdicts),
+           "eval_unjudged": len(results) - len(verdicts)}
+    out.update({f"eval_{q}": sum(getattr(v, q) for v in verdicts) / len(verdicts) for q in QUESTIONS})
+    return out
+
+
+def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on_iteration=None,
+               overlap: bool = True) -> DDPOResult:
+    """Run DDPO as ``cfg`` says, resuming from the run folder's newest checkpoint when there is one.
+    ``on_iteration(i)`` runs after iteration i (tests interrupt from it); ``judge`` replaces the profile's."""
+    from tqdm import tqdm
+
+    from judge.registry import load_judge
+
+    cfg.validate()
+    accelerator = accelerator or make_accelerator()
+    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    run_dir = Path(cfg.run.out_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ddpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    accelerator.wait_for_everyone()
+    if bundle is None:
+        bundle = load_model(cfg.model, device=device, precision=cfg.run.precision)
+
+    # -- data, policy, judge ----------------------------------------------------------------------
+    dataset, pool, held_out = prepare_data(cfg, bundle, accelerator, run_dir)
+    keys = [e.record.sample.id for e in dataset.entries]
+    transformer, params, layout, gates, base_fingerprint = build_policy(cfg, bundle)
+    autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = ddpo_state.constant_schedule(optimizer)
+    baseline = RewardBaseline(cfg.ddpo.baseline_decay)
+    tracker = PerPromptStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count, global_std=cfg.ddpo.global_std)
+    owns_judge = judge is None  # a judge we load we close (HTTP sessions); a given one stays open
+    if judge is None:
+        overrides = {"mode": cfg.judge.mode} if cfg.judge.mode else {}
+        judge = load_judge(cfg.judge.profile, config=cfg.judge.config, **overrides)
+    judge_pool = JudgePool(judge, workers=cfg.judge.workers)
+    make_request = RequestMaker(dataset)
+    eval_config = sampler_config(bundle.settings, cfg.rollout.eval_steps)
+
+    # -- resume -----------------------------------------------------------------------------------
+    checkpoint, done = ddpo_state.latest(run_dir), 0
+    if checkpoint is not None:
+        done, algo = ddpo_state.restore(checkpoint, transformer, optimizer, scheduler)
+        baseline.load_state_dict(algo["baseline"])
+        tracker.load_state_dict(algo["tracker"])
+        log.info("resumed DDPO from %s (%d iterations done)", checkpoint, done)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main, done if checkpoint is not None else None)
+
+    def held_out_check() -> dict:
+        values = {}
+        if held_out and main:
+            values = evaluate_held_out(transformer, bundle, dataset, held_out, judge_pool, make_request,
+                                       eval_config, layout, gates, cfg.run.seed)
+        accelerator.wait_for_everyone()
+        return values
+
+    def checkpoint_now(iteration: int, barrier: bool = True) -> None:
+        if main:
+            ddpo_state.save(run_dir, iteration, transformer, optimizer, scheduler,
+                            {"baseline": baseline.state_dict(), "tracker": tracker.state_dict()}, cfg.to_dict(),
+                            cfg.run.keep_checkpoints)
+        if barrier:
+            accelerator.wait_for_everyone()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    last_eval = None
+    if checkpoint is None:
+        start_check = held_out_check()
+        if start_check:
+            metrics.write(step=0, **start_check)
+            last_eval = start_check.get("eval_reward")
+    bar = tqdm(total=cfg.ddpo.iterations, initial=done, desc="DDPO", unit="it", mininterval=1.0,
+               disable=not (main and cfg.run.progress))
+    # Interrupt safety: ``before`` holds the weights, optimizer and advantage statistics as they were
+    # after iteration ``completed``; it is taken right before the first of them changes (the baseline,
+    # then the update). A Ctrl-C in the middle of an iteration puts it back and checkpoints iteration
+    # ``completed``, so a rerun repeats the interrupted iteration exactly (its draws are keyed, not stateful).
+    completed, saved, before = done, done, None
+    try:
+        for iteration in range(done, cfg.ddpo.iterations):
+            begin = time.perf_counter()
+            sampler = cfg.sampler(iteration, bundle.settings)
+            slots = plan_iteration(pool, cfg.ddpo.prompts_per_iteration, cfg.ddpo.group_size, sampler.guidance,
+                                   cfg.run.seed, iteration)
+            mine = [s for s in slots if s.index % world == accelerator.process_index]
+            transformer.eval()
+            rollouts = sample_and_judge(transformer, bundle, dataset, mine, sampler, judge_pool, make_request,
+                                        layout=layout, gates=gates, batch_size=cfg.ddpo.rollout_batch,
+                                        retries=cfg.judge.retries, iteration=iteration, device=device,
+                                        overlap=overlap, autocast=autocast)
+            table = accelerator.reduce(reward_table(rollouts, len(slots)), "sum")  # each row from its owner
+            retries = int(accelerator.reduce(torch.tensor([rollouts.retries]), "sum"))
+            if main:  # the only process that saves on Ctrl-C
+                before = ddpo_state.snapshot(params, optimizer, baseline, tracker)
+            advantages, adv_stats = compute_advantages(table, slots, keys, baseline, tracker, cfg)
+            if world > 1:  # every process computed these from the same gathered table: they must agree
+                mine_state = torch.tensor([[baseline.value or 0.0, float(advantages.nan_to_num().sum())]],
+                                          dtype=torch.float64, device=device)
+                every = accelerator.gather(mine_state)
+                adv_stats["sync_error"] = float((every - every[0]).abs().max())
+            trained = time.perf_counter()
+            update = policy_update(cfg, transformer, params, optimizer, accelerator, dataset, rollouts, slots,
+                                   advantages, iteration, layout, gates, device, autocast)
+            row = _iteration_row(iteration, table, slots, keys, dataset, sampler, retries, rollouts, adv_stats,
+                                 update, trained - begin, time.perf_counter() - trained)
+            if rollouts.unjudged_reasons:
+                log.warning("iteration %d: %d sample(s) unjudged after %d retries, dropped (e.g. %s)", iteration + 1,
+                            len(rollouts.unjudged_reasons), cfg.judge.retries, rollouts.unjudged_reasons[0])
+            completed, before = iteration + 1, None  # the state is now iteration ``completed``'s
+            last = completed == cfg.ddpo.iterations
+            if cfg.run.checkpoint_every and (completed % cfg.run.checkpoint_every == 0 or last):
+                checkpoint_now(completed)
+                saved = completed
+            if held_out and (last or (cfg.run.eval_every and completed % cfg.run.eval_every == 0)):
+                row.update(held_out_check())
+                last_eval = row.get("eval_reward", last_eval)
+            metrics.write(**row)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}" if row["reward"] is not None else "-",
+                            kl=f"{update['approx_kl']:.1e}", clip=f"{update['clip_fraction']:.2f}", refresh=False)
+            if on_iteration is not None:
+                on_iteration(completed)
+    except KeyboardInterrupt:
+        bar.close()
+        try:
+            with interrupts.deferred():  # torchrun forwards a second SIGINT: put back and save first
+                if before is not None:
+                    ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker)
+                if completed != saved and main:
+                    # Every process holds the same weights, optimizer and baseline after each completed
+                    # iteration (DDP), so the main process saves alone, without a barrier: the others
+                    # may already be gone.
+                    log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
+                    checkpoint_now(completed, barrier=False)
+        finally:
+            judge_pool.close(close_judge=owns_judge)
+        raise
+    bar.close()
+    if saved != cfg.ddpo.iterations:
+        checkpoint_now(cfg.ddpo.iterations)
+    lora_path = None
+    if main:
+        lora_path = run_dir / DDPO_LORA
+        ddpo_state.export_ddpo_lora(
+            lora_path, transformer, layout=layout, base_fingerprint=base_fingerprint, sft_path=cfg.lora.sft,
+            rank=cfg.lora.rank, alpha=cfg.lora.alpha, iterations=cfg.ddpo.iterations,
+            samples_per_iteration=cfg.ddpo.prompts_per_iteration * cfg.ddpo.group_size, world_size=world,
+            seed=cfg.run.seed, lr=cfg.optim.lr, max_pixels=cfg.data.max_pixels, precision=cfg.run.precision,
+            manifest=cfg.data.manifest)
+    judge_pool.close(close_judge=owns_judge)
+    accelerator.wait_for_everyone()
+    return DDPOResult(run_dir, cfg.ddpo.iterations, lora_path, run_dir / "metrics.jsonl", last_eval)
+
+
+def _iteration_row(iteration, table, slots, keys, dataset, sampler, retries, rollouts, adv_stats, update,
+                   sample_time, train_time) -> dict:
+    """One metrics line: rewards (overall, per question, per task), the drop count, the update's diagnostics."""
+    judged = table[:, 0] > 0
+    n = int(judged.sum())
+    row = {"step": iteration + 1, "n_judged": n, "n_unjudged": len(slots) - n, "judge_retries": retries,
+           "noise_level": sampler.noise_level, "reward": None}
+    if n:
+        rewards = table[judged, 1]
+        row.update(reward=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
+        row.update({q: float(table[judged, 2 + k].mean()) for k, q in enumerate(QUESTIONS)})
+        tasks: dict[str, list[float]] = {}
+        for s, j, r in zip(slots, judged.tolist(), table[:, 1].tolist()):
+            if j:
+                tasks.setdefault(dataset.entries[s.prompt].record.sample.task, []).append(r)
+        row.update({f"reward_{t}": sum(v) / len(v) for t, v in sorted(tasks.items())})
+    row.update(adv_stats)
+    row.update(update)
+    row.update(time_sampling=rollouts.sampling_s, time_judge_wait=rollouts.judge_wait_s,
+               time_judge_span=rollouts.judge_span_s, time_rollout=sample_time, time_training=train_time,
+               time_iteration=sample_time + train_time)
+    return row

@@ -1,0 +1,347 @@
+"""The one training loop of the project: LoRA SFT (``python -m training.sft``) and full-parameter
+training (the toy base's pretraining), on one process or many (``accelerate launch``).
+
+Read top to bottom, :func:`train` does: data (checked manifest -> latent/text cache -> shape
+buckets), model (Kontext transformer, LoRA or all weights, optional learnable gates), optimizer,
+resume, then the loop (batch -> flow-matching loss on target tokens -> step), with metrics JSONL,
+tqdm, atomic checkpoints, validation loss and image grids, and finally the LoRA file (or the full
+transformer) in the run folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import interrupts
+from ..cache import CachedDataset, EmbeddingCache, prepare_cache
+from ..checkpoint import (
+    TrainState,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from ..config import ConfigError, SFTConfig
+from ..data import BucketBatches, load_manifest
+from ..models import load_model
+from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
+from ..evaluation import sampler_config, validation_grid, validation_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float | None  # mean training loss of the last logged window
+    val_loss: float | None
+    lora_path: Path | None  # mode "lora"
+    transformer_dir: Path | None  # mode "full"
+    metrics_path: Path
+
+
+def make_accelerator(cfg: SFTConfig):
+    from accelerate import Accelerator
+
+    # bf16 autocast is ours (FlowMatchingModel.autocast), not accelerate's: its mixed_precision is process-global
+    # state, which would forbid a second in-process run with another precision.
+    kwargs = {"cpu": not torch.cuda.is_available()}
+    if cfg.train.distributed == "fsdp":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.distributed=fsdp needs GPUs; use ddp on CPU")
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
+            transformer_cls_names_to_wrap=["FluxTransformerBlock", "FluxSingleTransformerBlock"])
+    return Accelerator(**kwargs)
+
+
+def _cache_dir(cfg: SFTConfig) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.manifest).parent / ".cache"
+
+
+def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path):
+    """Checked records -> cache -> (train dataset, val dataset or None)."""
+    common = dict(skip_bad=cfg.data.skip_bad, run_dir=run_dir, tasks=cfg.data.tasks)
+    records = load_manifest(cfg.data.manifest, split=cfg.data.split, **common)
+    try:
+        val_records = load_manifest(cfg.data.manifest, split=cfg.data.val_split, **common) if cfg.data.val_split else []
+    except ValueError as e:  # no held-out samples: train without validation rather than fail
+        log.warning("no validation samples (%s)", str(e).splitlines()[0])
+        val_records = []
+    cache = EmbeddingCache.for_bundle(_cache_dir(cfg), bundle)
+    args = dict(max_pixels=cfg.data.max_pixels, skip_bad=cfg.data.skip_bad, manifest=cfg.data.manifest)
+    datasets = []
+    for first in (True, False):  # the main process encodes; the others then only read the cache
+        if first == accelerator.is_main_process:
+            for recs in (records, val_records):
+                entries, stats = prepare_cache(recs, bundle, cache, progress=cfg.run.progress and first, **args)
+                datasets.append(CachedDataset(entries, cache, preload=cfg.data.preload) if entries else None)
+                if first:
+                    log.info("cache %s: images %d cached + %d encoded, texts %d cached + %d encoded", cache.root,
+                             stats.images_cached, stats.images_computed, stats.texts_cached, stats.texts_computed)
+        accelerator.wait_for_everyone()
+    bundle.release("text_encoder", "text_encoder_2")
+    return datasets[0], datasets[1]
+
+
+def task_repeats(cfg: SFTConfig, dataset: CachedDataset) -> list[int]:
+    """Each training sample's count per epoch (``data.task_repeats``; 1 for tasks it does not name)."""
+    tasks = [e.record.sample.task for e in dataset.entries]
+    unknown = sorted(set(cfg.data.task_repeats) - set(tasks))
+    if unknown:
+        raise ConfigError(f"data.task_repeats names {', '.join(unknown)}, which no training sample has; "
+                          f"the tasks here are {', '.join(sorted(set(tasks)))}")
+    return [cfg.data.task_repeats.get(task, 1) for task in tasks]
+
+
+def build_model(cfg: SFTConfig, bundle) -> FlowMatchingModel:
+    transformer = bundle.transformer
+    guidance = cfg.train.guidance if cfg.train.guidance is not None else bundle.settings.get("train", {}).get("guidance", 1.0)
+    if cfg.train.mode == "full":
+        transformer.float().requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        if cfg.train.precision == "bf16":
+            transformer.to(torch.bfloat16)
+        lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha or cfg.lora.rank, lora_dropout=cfg.lora.dropout,
+                          init_lora_weights=True, target_modules=list(cfg.lora.target_modules))
+        transformer.add_adapter(lora)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable weights in fp32 even over a bf16 base
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    return FlowMatchingModel(transformer, cfg.train.layout, guidance, cfg.lora.learn_gates, autocast=autocast)
+
+
+def build_optimizer(cfg: SFTConfig, model: FlowMatchingModel):
+    main = [p for n, p in model.named_parameters() if p.requires_grad and n != "log_gates"]
+    groups = [{"params": main}]
+    if model.log_gates is not None:
+        groups.append({"params": [model.log_gates], "lr": cfg.lora.gate_lr or cfg.optim.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    warmup, total, cosine = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cosine:
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def spread(count: int, wanted: int) -> list[int]:
+    """``wanted`` indices evenly spread over ``range(count)`` (manifests are often sorted by task)."""
+    n = min(count, wanted)
+    return [i * count // n for i in range(n)] if n else []
+
+
+class MetricsLog:
+    """``metrics.jsonl`` on the main process; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(k + "\n" for k in kept))
+        elif enabled and resume_step is None:
+            path.write_text("")
+
+    def write(self, **values) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(values, sort_keys=True) + "\n")
+
+
+def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step=None) -> TrainResult:
+    """Train as ``cfg`` says; ``resume`` = True/"latest"/a checkpoint folder; ``on_step(step)`` runs after
+    every step (tests interrupt a run from it with ``KeyboardInterrupt``, which saves a checkpoint)."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    accelerator = accelerator or make_accelerator(cfg)
+    main = accelerator.is_main_process
+    run_dir = Path(cfg.run.out_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    torch.manual_seed(cfg.train.seed)
+    if bundle is None:
+        # full mode trains every weight in fp32 (FlowMatchingModel's autocast does the bf16 compute)
+        precision = "fp32" if cfg.train.mode == "full" else cfg.train.precision
+        bundle = load_model(cfg.model, device=accelerator.device, precision=precision)
+
+    # -- data -----------------------------------------------------------------------------------
+    dataset, val_dataset = prepare_data(cfg, bundle, accelerator, run_dir)
+    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed, task_repeats(cfg, dataset))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {world} processes")
+    local = cfg.data.batch_size // world
+
+    # -- model, optimizer, resume ---------------------------------------------------------------
+    base_fingerprint = bundle.base_fingerprint()
+    model = build_model(cfg, bundle)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    state = TrainState()
+    checkpoint = find_checkpoint(resume, run_dir)
+    fsdp = cfg.train.distributed == "fsdp"  # sharded weights: accelerate saves/loads the state (GPU only)
+    if checkpoint is not None and not fsdp:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and fsdp:
+        state = load_sharded_checkpoint(accelerator, checkpoint, scheduler)
+    if checkpoint is not None:
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint, state.step, state.epoch, state.position)
+    device = accelerator.device
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main, state.step if checkpoint else None)
+    val_indices = spread(len(val_dataset), cfg.run.val_loss_samples) if val_dataset else []
+    sampling = sampler_config(bundle.settings, cfg.run.val_steps, model.guidance)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def validate(step: int) -> float | None:
+        if not val_indices:
+            return None
+        value = validation_loss(model, val_dataset, val_indices, cfg.train.seed, device=device)
+        if main:
+            metrics.write(step=step, val_loss=value)
+            if cfg.run.val_samples and not fsdp:  # sampling on one rank needs unsharded weights
+                grid = [val_indices[i] for i in spread(len(val_indices), cfg.run.val_samples)]
+                validation_grid(bundle, model, val_dataset, grid, sampling,
+                                run_dir / "val" / f"step_{step:07d}.png", cfg.train.seed)
+        return value
+
+    def checkpoint_now(barrier: bool = True) -> None:
+        if fsdp:
+            save_sharded_checkpoint(accelerator, run_dir, state, scheduler, cfg.to_dict())
+        elif main:
+            save_checkpoint(run_dir, state, model, optimizer, scheduler, cfg.to_dict(), cfg.run.keep_checkpoints)
+        if barrier:
+            accelerator.wait_for_everyone()
+
+    # -- the loop -------------------------------------------------------------------------------
+    if checkpoint is None and cfg.run.val_at_start:
+        validate(0)
+    stream = batches.iterate(state.epoch, state.position)
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc=f"{cfg.train.mode} training", unit="step",
+               disable=not (main and cfg.run.progress), mininterval=1.0)
+    window, last_loss, val_loss, saved_step = [], None, None, state.step
+    try:
+        while state.step < cfg.train.max_steps:
+            start = time.perf_counter()
+            epoch, index, global_batch = next(stream)
+            mine = global_batch[rank * local:(rank + 1) * local]
+            batch = dataset.batch(mine)
+            target = batch.target.to(device)
+            slots = range(rank * local, (rank + 1) * local)
+            sigma, noise = draw_sigmas_and_noise(target.shape[1:], cfg.train.seed, state.step, slots,
+                                                 cfg.train.sigma_sampling, cfg.train.logit_mean,
+                                                 cfg.train.logit_std, cfg.train.sigma_shift)
+            refs = [r.to(device) for r in batch.refs]
+            data_time = time.perf_counter() - start
+            weights = edit_weights(target, refs[0], cfg.train.edit_weight, cfg.train.edit_threshold)
+            losses = wrapped(target, refs, batch.prompt_embeds.to(device), batch.pooled.to(device),
+                             sigma.to(device), noise.to(device), weights)
+            loss = losses.mean()
+            accelerator.backward(loss)
+            if cfg.optim.grad_clip > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in trainable if p.grad is not None])))
+            backward_time = time.perf_counter() - start - data_time
+            lr = scheduler.get_last_lr()[0]
+            with interrupts.deferred():  # the weights and the step counter move together
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step, state.epoch, state.position = state.step + 1, epoch, index + 1
+                state.samples += cfg.data.batch_size
+            step_time = time.perf_counter() - start
+            mean_loss = float(accelerator.reduce(loss.detach(), "mean"))
+            window.append(mean_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            if state.step % cfg.run.log_every == 0 or state.step == cfg.train.max_steps:
+                last_loss = sum(window) / len(window)  # mean over the steps since the last line
+                metrics.write(step=state.step, epoch=epoch, loss=last_loss, lr=lr, grad_norm=grad_norm,
+                              step_time=step_time, data_time=data_time, forward_backward_time=backward_time,
+                              samples_per_s=cfg.data.batch_size / step_time)
+                window = []
+            if cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0:
+                checkpoint_now()
+                saved_step = state.step
+            if cfg.run.val_every and state.step % cfg.run.val_every == 0 and state.step != cfg.train.max_steps:
+                val_loss = validate(state.step)
+            if on_step is not None:
+                on_step(state.step)
+    except KeyboardInterrupt:
+        if state.step != saved_step and not (fsdp and world > 1):
+            # DDP keeps every process's weights and optimizer identical after each step, so the main
+            # process saves alone, without a barrier: the others may already be gone. (FSDP shards
+            # need every process: there a rerun resumes from the last periodic checkpoint.)
+            if main:
+                log.warning("interrupted at step %d: saving a checkpoint to resume from", state.step)
+            with interrupts.deferred():  # torchrun forwards a second SIGINT: let the save finish first
+                checkpoint_now(barrier=False)
+        bar.close()
+        raise
+    bar.close()
+    if state.step != saved_step or not list_checkpoints(run_dir):
+        checkpoint_now()
+    val_loss = validate(state.step)
+    full_state = accelerator.get_state_dict(wrapped) if fsdp else None  # a collective: every rank calls it
+    lora_path, transformer_dir = export(cfg, model, run_dir, base_fingerprint, main, state, world, len(dataset),
+                                        full_state)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, state.step, last_loss, val_loss, lora_path, transformer_dir,
+                       run_dir / "metrics.jsonl")
+
+
+def export(cfg: SFTConfig, model: FlowMatchingModel, run_dir: Path, base_fingerprint: str, main: bool,
+           state: TrainState, world_size: int, dataset_size: int, full_state: dict | None = None):
+    """The run's product: ``lora.safetensors`` (DESIGN contract 4) or a full ``transformer/`` folder."""
+    if not main:
+        return None, None
+    weights = None if full_state is None else {k.removeprefix("transformer."): v for k, v in full_state.items()
+                                               if k.startswith("transformer.")}
+    if cfg.train.mode == "full":
+        out = run_dir / "transformer"
+        model.transformer.save_pretrained(str(out), safe_serialization=True, state_dict=weights)
+        return None, out
+    import hashlib
+
+    from ..lora_io import save_lora
+
+    path = run_dir / "lora.safetensors"
+    train_info = {  # typed facts only (lora_meta.TRAIN_FIELDS): no paths or free text in a shared file
+        "steps": state.step, "epochs": round(state.samples / max(1, dataset_size), 3),
+        "batch_size": cfg.data.batch_size, "world_size": world_size, "seed": cfg.train.seed,
+        "learning_rate": float(cfg.optim.lr), "resolution": int(math.isqrt(cfg.data.max_pixels)),
+        "references": 2, "precision": cfg.train.precision,
+        "dataset_hash": hashlib.sha256(Path(cfg.data.manifest).read_bytes()).hexdigest()[:16]}
+    gates = model.gates() if full_state is None or "log_gates" not in full_state else \
+        [float(g) for g in full_state["log_gates"].exp()]
+    lora = model.transformer if weights is None else {k: v for k, v in weights.items() if "lora_" in k}
+    save_lora(path, lora, {"layout": cfg.train.layout, "stage": "sft", "base_fingerprint": base_fingerprint,
+                           "gates": tuple(gates) if gates else None, "train": train_info,
+                           "rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha or cfg.lora.rank)})
+    return path, None

@@ -1,0 +1,231 @@
+"""The synthesis config: theme pools, per-task counts, the LLM and image endpoints, judge, budget.
+
+A JSON (or, on Python 3.11+, TOML) file; relative paths are relative to the file::
+
+    {
+      "out": "synth_out",                       # manifest.jsonl, state.jsonl, targets/ go here
+      "pools": {"animals": "pools/animals", "scenes": "pools/scenes", "people": "pools/people",
+                "clothing": "pools/clothing", "styles": "pools/styles"},   # a folder of images each
+      "tasks": {"animal_scene": 100, "person_scene": 100, ...},           # samples to keep per task
+      "themes": {"style_transfer": [["scenes", "people"], ["styles"]]},   # optional: image 1/2 themes
+      "seed": 0, "test_fraction": 0.2, "concurrency": 4, "max_plan_attempts": 3,
+      "llm":   {"base_url": "https://api.openai.com/v1", "model": "gpt-5", "api_key_env": "OPENAI_API_KEY",
+                "response_format": "json_object", "price_input_per_mtok": 1.25, "price_output_per_mtok": 10},
+      "image": {"base_url": "https://api.openai.com/v1", "model": "gpt-image-1", "api_key_env": "OPENAI_API_KEY",
+                "endpoint": "edits", "size": "1024x1024", "price_per_image": 0.04},      # optional
+      "judge": {"profile": "gpt5", "threshold": 0.67},                                     # optional
+      "budget": {"max_requests": 5000, "max_cost_usd": 50}                                  # optional
+    }
+
+``llm`` and ``image`` take the judge profile's connection fields (``base_url``, ``model``,
+``api_key_env``, ``timeout_s``, ``max_retries``, ``backoff_base_s``, ``backoff_max_s``, ``rpm``,
+``max_tokens``, ``temperature``, ``token_param``, ``image_max_side``, ``extra_body``, prices,
+``allow_insecure_http``) and are checked the same way: a key is never a config value, only the
+name of the environment variable that holds it.
+
+The image endpoint (OpenAI Images API shape):
+
+* ``"endpoint": "edits"``: ``POST {base_url}/images/edits``, multipart form: ``model``, ``prompt``,
+  ``n=1``, ``size``, both references as files under ``image_field`` (default ``image[]``, as
+  gpt-image-1 takes several; use ``image`` for servers that take one, which then gets image 1),
+  plus ``response_format`` when set and any ``extra_fields``.
+* ``"endpoint": "generations"``: ``POST {base_url}/images/generations``, JSON body ``{model,
+  prompt, n: 1, size, response_format?, **extra_fields}``: text only, from the plan.
+
+Either answers ``{"data": [{"b64_json": ...} | {"url": ...}]}``. The prompt is
+``prompt_template`` (default ``"{instruction}\\n\\nResult: {target_description}"``) filled from the plan.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from judge.config import Profile, ProfileError
+
+try:
+    from judge.manifest import TASKS
+except ImportError:  # run as a script
+    from judge.manifest import TASKS
+
+THEMES = ("animals", "scenes", "people", "clothing", "styles")
+# Image 1 / image 2 themes per task (paper Sec. 3.1): image 1 is what is edited, image 2 what is brought in.
+DEFAULT_THEMES = {
+    "animal_scene": (("scenes",), ("animals",)),
+    "person_scene": (("scenes",), ("people",)),
+    "group_portrait": (("people",), ("people",)),
+    "style_transfer": (("scenes", "animals", "people"), ("styles",)),
+    "clothing_replace": (("people",), ("clothing",)),
+}
+SYMMETRIC_TASKS = frozenset({"group_portrait"})  # (a, b) and (b, a) are the same pair
+RESPONSE_FORMATS = ("json_object", "json_schema", "none")
+IMAGE_ENDPOINTS = ("edits", "generations")
+_SECRET_KEYS = ("api_key", "key", "token", "authorization", "password", "secret", "headers")
+_LLM_ONLY = ("response_format",)
+_IMAGE_ONLY = ("endpoint", "size", "image_field", "response_format", "prompt_template", "extra_fields", "price_per_image")
+
+
+class ConfigError(ValueError):
+    """A bad synthesis config, naming the file, the field and the fix."""
+
+
+@dataclass
+class LLMConfig:
+    profile: Profile
+    response_format: str = "json_object"
+
+
+@dataclass
+class ImageConfig:
+    profile: Profile
+    endpoint: str = "edits"
+    size: str | None = "1024x1024"
+    image_field: str = "image[]"
+    response_format: str | None = None  # e.g. "b64_json" for dall-e-2; gpt-image-1 always answers b64
+    prompt_template: str = "{instruction}\n\nResult: {target_description}"
+    extra_fields: dict = field(default_factory=dict)
+    price_per_image: float = 0.0
+
+
+@dataclass
+class SynthConfig:
+    out: Path
+    pools: dict[str, Path]
+    tasks: dict[str, int]
+    llm: LLMConfig
+    themes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    image: ImageConfig | None = None
+    judge_profile: str | None = None
+    judge_threshold: float = 2.0 / 3.0
+    max_requests: int | None = None
+    max_cost_usd: float | None = None
+    seed: int = 0
+    test_fraction: float = 0.1
+    concurrency: int = 1
+    max_plan_attempts: int = 3
+    max_consecutive_errors: int = 5  # endpoint errors in a row before the run stops (it is down)
+    source: str = "<config>"
+
+
+def _check_no_secrets(section: dict, where: str) -> None:
+    for key, value in section.items():
+        if key.lower() in _SECRET_KEYS:
+            raise ConfigError(
+                f"{where} has a {key!r} field: keys never go in config files; put the key in an "
+                "environment variable and name the variable in api_key_env"
+            )
+        if isinstance(value, dict):
+            _check_no_secrets(value, f"{where}.{key}")
+
+
+def _profile(name: str, raw: dict, where: str, defaults: dict, own: tuple) -> tuple[Profile, dict]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object")
+    _check_no_secrets(raw, where)
+    mine = {k: raw[k] for k in own if k in raw}
+    rest = {**defaults, **{k: v for k, v in raw.items() if k not in own}}
+    known = {f.name for f in dataclasses.fields(Profile)} - {"name", "source", "kind"}
+    unknown = sorted(set(rest) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known | set(own)))}")
+    try:
+        return Profile(name=name, kind="openai", source=where, cache=False, **rest), mine
+    except (ProfileError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _themes(task: str, raw, where: str):
+    if not (isinstance(raw, (list, tuple)) and len(raw) == 2):
+        raise ConfigError(f"{where}.themes.{task} must be [[image 1 themes], [image 2 themes]]")
+    pair = tuple(tuple([t] if isinstance(t, str) else t) for t in raw)
+    for themes in pair:
+        bad = [t for t in themes if t not in THEMES]
+        if bad or not themes:
+            raise ConfigError(f"{where}.themes.{task}: unknown theme(s) {bad}; use {', '.join(THEMES)}")
+    return pair
+
+
+def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be an object")
+    _check_no_secrets({k: v for k, v in data.items() if k not in ("pools", "tasks", "themes")}, source)
+    known = {"out", "pools", "tasks", "themes", "llm", "image", "judge", "budget", "seed", "test_fraction",
+             "concurrency", "max_plan_attempts", "max_consecutive_errors"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key in ("pools", "tasks", "llm"):
+        if key not in data:
+            raise ConfigError(f"{source}: missing {key!r} (see training/synth_config.py for the format)")
+    pools = {}
+    for theme, folder in data["pools"].items():
+        if theme not in THEMES:
+            raise ConfigError(f"{source}: unknown pool theme {theme!r}; use {', '.join(THEMES)}")
+        pools[theme] = (base / folder).resolve()
+    tasks = {}
+    for task, count in data["tasks"].items():
+        if task not in TASKS:
+            raise ConfigError(f"{source}: unknown task {task!r}; use {', '.join(TASKS)}")
+        if not isinstance(count, int) or count < 0:
+            raise ConfigError(f"{source}: tasks.{task} must be a count of samples >= 0")
+        tasks[task] = count
+    themes = {t: DEFAULT_THEMES[t] for t in tasks}
+    for task, raw in (data.get("themes") or {}).items():
+        if task not in TASKS:
+            raise ConfigError(f"{source}: themes names unknown task {task!r}")
+        themes[task] = _themes(task, raw, source)
+    llm_defaults = {"max_tokens": 2000, "temperature": 0.8, "timeout_s": 120.0, "max_retries": 4,
+                    "backoff_max_s": 30.0, "max_retry_after_s": 120.0, "image_max_side": 768}
+    llm_profile, llm_own = _profile("synth-llm", data["llm"], f"{source}: llm", llm_defaults, _LLM_ONLY)
+    llm = LLMConfig(llm_profile, **llm_own)
+    if llm.response_format not in RESPONSE_FORMATS:
+        raise ConfigError(f"{source}: llm.response_format must be one of {', '.join(RESPONSE_FORMATS)}")
+    image = None
+    if data.get("image"):
+        image_defaults = {"timeout_s": 300.0, "max_retries": 3, "backoff_max_s": 60.0, "max_retry_after_s": 300.0}
+        image_profile, own = _profile("synth-image", data["image"], f"{source}: image", image_defaults, _IMAGE_ONLY)
+        image = ImageConfig(image_profile, **own)
+        if image.endpoint not in IMAGE_ENDPOINTS:
+            raise ConfigError(f"{source}: image.endpoint must be 'edits' or 'generations'")
+        try:
+            image.prompt_template.format(instruction="", task="", target_description="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{source}: image.prompt_template may use {{instruction}}, {{task}} and "
+                              f"{{target_description}} only ({type(e).__name__}: {e})") from None
+    judge = data.get("judge") or {}
+    budget = data.get("budget") or {}
+    unknown = sorted(set(judge) - {"profile", "threshold"}) + sorted(set(budget) - {"max_requests", "max_cost_usd"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown judge/budget field(s) {', '.join(unknown)}")
+    cfg = SynthConfig(
+        out=(base / data.get("out", "synth_out")).resolve(), pools=pools, tasks=tasks, llm=llm, themes=themes,
+        image=image, judge_profile=judge.get("profile"), judge_threshold=float(judge.get("threshold", 2.0 / 3.0)),
+        max_requests=budget.get("max_requests"), max_cost_usd=budget.get("max_cost_usd"),
+        seed=int(data.get("seed", 0)), test_fraction=float(data.get("test_fraction", 0.1)),
+        concurrency=int(data.get("concurrency", 1)), max_plan_attempts=int(data.get("max_plan_attempts", 3)),
+        max_consecutive_errors=int(data.get("max_consecutive_errors", 5)), source=source,
+    )
+    if not 0.0 <= cfg.test_fraction <= 1.0:
+        raise ConfigError(f"{source}: test_fraction must be within [0, 1]")
+    if cfg.concurrency < 1 or cfg.max_plan_attempts < 1:
+        raise ConfigError(f"{source}: concurrency and max_plan_attempts must be >= 1")
+    return cfg
+
+
+def load_config(path) -> SynthConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read synthesis config {path}: {e.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+    return parse_config(data, path.parent, str(path))

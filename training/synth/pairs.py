@@ -1,0 +1,116 @@
+"""Theme pools and pair sampling: distinct pairs in a seeded order, keyed by content, not by name."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .config import SYMMETRIC_TASKS, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_ENUMERATE_LIMIT = 200_000  # below this many candidate pairs, shuffle them all; above, draw at random
+
+
+@dataclass(frozen=True)
+class PoolImage:
+    path: Path
+    sha: str  # of the file's bytes: renamed or copied files are still the same image
+    theme: str
+
+
+def file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan_pools(pools: dict[str, Path]) -> dict[str, list[PoolImage]]:
+    """Every image file under each theme folder (recursively), duplicates by content dropped."""
+    found: dict[str, list[PoolImage]] = {}
+    for theme, folder in pools.items():
+        if not folder.is_dir():
+            raise ConfigError(f"pool {theme!r}: {folder} is not a folder; create it or fix pools.{theme} in the config")
+        seen, images = set(), []
+        for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            sha = file_sha(path)
+            if sha in seen:
+                log.info("pool %s: %s repeats an earlier image; skipped", theme, path.name)
+                continue
+            seen.add(sha)
+            images.append(PoolImage(path, sha, theme))
+        if not images:
+            log.warning("pool %r (%s) has no images (%s)", theme, folder, ", ".join(IMAGE_SUFFIXES))
+        found[theme] = images
+    return found
+
+
+def pair_key(task: str, sha1: str, sha2: str) -> str:
+    """The pair's identity: task + both images' content (order-free for symmetric tasks)."""
+    a, b = sorted((sha1, sha2)) if task in SYMMETRIC_TASKS else (sha1, sha2)
+    return hashlib.sha256(f"{task}\n{a}\n{b}".encode()).hexdigest()[:20]
+
+
+def sample_id(task: str, key: str) -> str:
+    return f"{task}-{key[:12]}"
+
+
+def candidates_for(task: str, themes, pools: dict[str, list[PoolImage]]) -> tuple[list[PoolImage], list[PoolImage]]:
+    """Image-1 and image-2 candidates of a task; an error naming the missing pools if one side is empty."""
+    sides = []
+    for side, names in zip(("image 1", "image 2"), themes):
+        images = [im for name in names for im in pools.get(name, [])]
+        if not images:
+            raise ConfigError(
+                f"task {task!r} needs images of theme {' or '.join(names)} for {side}; "
+                f"add a pool for {names[0]!r} (pools.{names[0]}) with images in it"
+            )
+        sides.append(images)
+    return sides[0], sides[1]
+
+
+def iter_pairs(task: str, first: list[PoolImage], second: list[PoolImage], seed: int) -> Iterator[tuple[PoolImage, PoolImage, str]]:
+    """Distinct (image 1, image 2, key) in an order fixed by ``seed``: a rerun meets them in the same order."""
+    rng = random.Random(f"{seed}:{task}")
+    seen: set[str] = set()
+
+    def valid(a: PoolImage, b: PoolImage):
+        if a.sha == b.sha:
+            return None
+        key = pair_key(task, a.sha, b.sha)
+        if key in seen:
+            return None
+        seen.add(key)
+        return key
+
+    total = len(first) * len(second)
+    if total <= _ENUMERATE_LIMIT:
+        order = list(range(total))
+        rng.shuffle(order)
+        for index in order:
+            a, b = first[index // len(second)], second[index % len(second)]
+            key = valid(a, b)
+            if key:
+                yield a, b, key
+        return
+    misses = 0
+    while misses < 1000:  # a long run of repeats: the pools are (nearly) used up
+        a, b = rng.choice(first), rng.choice(second)
+        key = valid(a, b)
+        if key:
+            misses = 0
+            yield a, b, key
+        else:
+            misses += 1
+
+
+def split_of(key: str, test_fraction: float) -> str:
+    """train/test by the key's hash: stable across runs and resumes, whatever order samples finish in."""
+    bucket = int(hashlib.sha256(("split:" + key).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < test_fraction else "train"
