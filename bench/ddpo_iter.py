@@ -43,9 +43,9 @@ def build(root: Path, model: str | None, samples: int):
     from training.data import load_manifest
     from training.ddpo.state import add_ddpo_adapter
     from training.models import load_kontext
+    from training.toy.models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
     from training.toy.templates import vocabulary
     from training.toy.world import generate_world
-    from training.toy.models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
 
     if model is None:
         settings = {"name": "bench micro model", "max_sequence_length": TOY_MAX_SEQUENCE_LENGTH,
@@ -76,17 +76,18 @@ class InstantPool:
 
 
 def run(bundle, dataset, slots, sampler, pool, batch, overlap):
+    from training.ddpo.policy import Policy
     from training.ddpo.rollout import RequestMaker, sample_and_judge
 
     begin = time.perf_counter()
-    rollouts = sample_and_judge(bundle.transformer, bundle, dataset, slots, sampler, pool, RequestMaker(dataset),
-                                layout="diagonal", gates=None, batch_size=batch, retries=0, iteration=0,
-                                device="cpu", overlap=overlap)
+    policy = Policy(bundle.transformer, "diagonal", None, bundle.device)
+    rollouts = sample_and_judge(policy, bundle, dataset, slots, sampler, pool, RequestMaker(dataset),
+                                batch_size=batch, retries=0, iteration=0, overlap=overlap)
     return time.perf_counter() - begin, rollouts
 
 
 def main(argv=None) -> int:
-    from training.ddpo.rollout import plan_iteration
+    from training.ddpo.rollout import iteration_slots
     from training.sampler import SamplerConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle, dataset = build(Path(tmp), args.model, args.samples)
         group = 4
-        slots = plan_iteration(list(range(len(dataset))), args.samples // group, group, (0.9, 1.1), 0, 0)
+        slots = iteration_slots(list(range(len(dataset))), args.samples // group, group, (0.9, 1.1), 0, 0)
         sampler = SamplerConfig(num_steps=args.steps, noise_level=0.7, sde_fraction=0.5, guidance=(0.9, 1.1))
         run(bundle, dataset, slots[:args.batch], sampler, InstantPool(), args.batch, True)  # warm-up
         sampling, rollouts = run(bundle, dataset, slots, sampler, InstantPool(), args.batch, True)

@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # host discovery and model builders shared with the tests
 
 import torch  # noqa: E402
-
 from comfy_host import import_host, load_pack  # noqa: E402
 from comfy_models import build_flux, conditioning, flux_unet_config  # noqa: E402
 

@@ -25,6 +25,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from dual_rope.diffusers_adapter import prepare_references
+
 from training.sampler import SamplerConfig, flux_model_fn, logprob_of_transition, ode_sample, rollout
 
 LATENT = (16, 16, 16)

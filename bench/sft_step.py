@@ -44,8 +44,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     import torch
-
     from sft_helpers import micro_model, micro_world, sft_config
+
     from training.cache import EmbeddingCache, prepare_cache
     from training.data import load_manifest
     from training.models import load_kontext

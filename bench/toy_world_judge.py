@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from judge.toy import ToyJudge  # noqa: E402
 from judge.verdict import JudgeRequest  # noqa: E402
+
 from training.toy.corrupt import corrupt  # noqa: E402
 from training.toy.world import ALL_TASKS, generate_world, make_sample  # noqa: E402
 

@@ -87,7 +87,7 @@ def test_ctrl_c_in_ddpo_exits_130_and_a_rerun_finishes(job, tmp_path, monkeypatc
     real = ddpo_module.policy_update
 
     def interrupt_second_iteration(cfg, transformer, params, optimizer, *args):
-        if args[-5] == 1:
+        if args[-1] == 1:
             raise KeyboardInterrupt
         return real(cfg, transformer, params, optimizer, *args)
 

@@ -4,6 +4,7 @@ Runs a micro Kontext (toy architecture, random weights) on a small DualShapes wo
 """
 import json
 import math
+from pathlib import Path
 import subprocess
 import sys
 
@@ -203,8 +204,30 @@ def test_config_files_overrides_and_errors(tmp_path):
         load_config(yaml_file, ["train.layout=diag"]).validate()
     with pytest.raises(ConfigError, match="data.manifest is required"):
         load_config(None, ["model.path=x"]).validate()
-    with pytest.raises(ConfigError, match="data.task_repeats.person_scene must be a whole number"):
+    with pytest.raises(ConfigError, match="data.task_repeats.person_scene.* whole number"):
         load_config(yaml_file, ["data.task_repeats.person_scene=0.5"]).validate()
+
+
+def test_wrong_types_are_exit_2_errors_naming_the_key(tmp_path, capsys):
+    """Every value is checked against its field's type when the config loads (no TypeError later)."""
+    from training.config import load_config
+    from training.ddpo.pipeline import main as ddpo_main
+    from training.sft.cli import main as sft_main
+
+    yaml_file = tmp_path / "paper.yaml"  # YAML 1.1 reads 5e-5 (no dot) as a string: the paper's own value
+    yaml_file.write_text("optim:\n  lr: 5e-5\ntrain:\n  max_steps: 10\n")
+    cfg = load_config(yaml_file)
+    assert cfg.optim.lr == 5e-5 and isinstance(cfg.optim.lr, float) and cfg.train.max_steps == 10
+    cases = [(sft_main, "optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
+             (sft_main, "train.max_steps=ten", "train.max_steps: expected a whole number, got 'ten'"),
+             (sft_main, "data.skip_bad=\"yes\"", "data.skip_bad: expected true or false, got 'yes'"),
+             (ddpo_main, "ddpo.iterations=abc", "ddpo.iterations: expected a whole number, got 'abc'")]
+    ddpo_file = Path(__file__).resolve().parents[1] / "training" / "configs" / "toy_ddpo.json"
+    for main, override, message in cases:
+        config = yaml_file if main is sft_main else ddpo_file
+        assert main(["--config", str(config), "--set", override, "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # a run that fails validation writes nothing
 
 
 def test_task_repeats_naming_a_task_the_data_lacks_is_refused(micro, world, tmp_path):

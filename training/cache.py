@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import Record, fit_size, image_size, load_pixels
 from judge.manifest import ManifestError
+
+from .data import Record, fit_size, image_size, load_pixels
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,8 @@ class EmbeddingCache:
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        path = self.path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(self.path(kind, key)) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 @dataclass

@@ -1,16 +1,24 @@
-"""Training configuration: dataclasses, loaded from JSON or YAML, with ``--set a.b=value`` overrides.
+"""The project's one config system: dataclasses loaded from JSON, YAML or TOML, with ``--set a.b=value``
+overrides, and the SFT config (``python -m training.sft``, and the toy base's pretraining, which is
+the same trainer in ``full`` mode).
 
-One place for every knob of ``python -m training.sft`` (and of the toy base's pretraining, which is
-the same trainer in ``full`` mode). Unknown keys are errors that name the key, so a typo never
-trains silently with a default.
+DDPO's config (:mod:`training.ddpo.config`) is built the same way; synthesis reads its file with
+:func:`read_config_file` and raises the same :class:`ConfigError`. Unknown keys are errors that name
+the key, so a typo never trains silently with a default, and every value is checked against its
+field's type when the config is built: ``optim.lr: expected a number, got 'abc'`` (a number written
+``5e-5``, which YAML reads as a string, is a number).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dual_rope import METHODS
 
 # Diffusers/peft module names of a Flux block that ComfyUI's LoRA loader maps too: attention
 # projections of both streams, the MLPs, and the single blocks' fused MLP/out projections.
@@ -121,8 +129,6 @@ class SFTConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "SFTConfig":
-        from dual_rope import METHODS
-
         choices = {
             "train.mode": ("lora", "full"), "train.precision": ("fp32", "bf16"),
             "train.distributed": ("ddp", "fsdp"), "train.layout": METHODS,
@@ -151,10 +157,62 @@ class SFTConfig:
         return self
 
 
-def _build(cls, values: dict, prefix: str):
+def _expected(hint) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def check_value(value, hint, name: str):
+    """``value`` as the field's type ``hint`` says, or a ConfigError naming ``name`` (e.g. ``optim.lr``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return check_value(value, inner[0], name) if len(inner) == 1 else value
+    if hint is typing.Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 5e-5 (no dot) as a string
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a path or name that happens to look like a number
+    elif (origin or hint) is list:
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else typing.Any
+            return [check_value(v, item, f"{name}[{k}]") for k, v in enumerate(value)]
+    elif (origin or hint) is dict:
+        if isinstance(value, dict):
+            item = args[1] if len(args) == 2 else typing.Any
+            return {k: check_value(v, item, f"{name}.{k}") for k, v in value.items()}
+    else:
+        return value
+    raise ConfigError(f"{name}: expected {_expected(hint)}, got {value!r}")
+
+
+def build_config(cls, values: dict, prefix: str = ""):
+    """A ``cls`` dataclass from plain data: unknown keys and wrongly typed values are ConfigErrors."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -164,12 +222,15 @@ def _build(cls, values: dict, prefix: str):
             raise ConfigError(f"unknown config key {name!r}; known here: {', '.join(sorted(known))}")
         default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING \
             else known[key].default
-        kwargs[key] = _build(type(default), value, f"{name}.") if dataclasses.is_dataclass(default) else value
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = build_config(type(default), value, f"{name}.")
+        else:
+            kwargs[key] = check_value(value, hints[key], name)
     return cls(**kwargs)
 
 
 def config_from_dict(values: dict) -> SFTConfig:
-    return _build(SFTConfig, values, "")
+    return build_config(SFTConfig, values)
 
 
 def read_config_file(path) -> dict:
@@ -185,6 +246,15 @@ def read_config_file(path) -> dict:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    elif path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            values = tomllib.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
     else:
         try:
             values = json.loads(text)
@@ -216,17 +286,23 @@ def apply_overrides(values: dict, overrides) -> dict:
     return values
 
 
-def load_config(path=None, overrides=(), base: dict | None = None) -> SFTConfig:
-    """Defaults <- ``base`` <- the file at ``path`` <- ``overrides`` (``section.key=value`` strings)."""
+def load_into(cls, path=None, overrides=(), base: dict | None = None):
+    """A ``cls`` config: defaults <- ``base`` <- the file at ``path`` <- ``overrides`` (``section.key=value``)."""
     values = json.loads(json.dumps(base or {}))
     if path is not None:
-        _merge(values, read_config_file(path))
-    return config_from_dict(apply_overrides(values, overrides))
+        merge_into(values, read_config_file(path))
+    return build_config(cls, apply_overrides(values, overrides))
 
 
-def _merge(into: dict, other: dict) -> None:
+def load_config(path=None, overrides=(), base: dict | None = None) -> SFTConfig:
+    """The SFT config: defaults <- ``base`` <- the file at ``path`` <- ``overrides``."""
+    return load_into(SFTConfig, path, overrides, base)
+
+
+def merge_into(into: dict, other: dict) -> None:
+    """Merge ``other`` into ``into``, section by section (a file's values over the defaults)."""
     for key, value in other.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+            merge_into(into[key], value)
         else:
             into[key] = value

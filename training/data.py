@@ -21,6 +21,8 @@ import torch
 
 from judge.manifest import ManifestError, Sample, parse_line
 
+from .files import write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -68,12 +70,7 @@ class ManifestReport:
             raise BadManifestError(self.path, self.bad, self.total)
 
     def write_skipped(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(b.to_json() + "\n" for b in self.bad))
-        tmp.replace(path)
-        return path
+        return write_text(path, "".join(b.to_json() + "\n" for b in self.bad))
 
 
 def check_image(path: Path) -> str | None:

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from dual_rope.diffusers_adapter import prepare_references
+from judge.verdict import JudgeRequest
 
 from .cache import CachedDataset, EmbeddingCache, prepare_cache
 from .data import Record, load_manifest, load_pixels, to_uint8
+from .files import cache_dir_for
 from .flow import FlowMatchingModel, slot_generator
 from .lora_io import apply_lora_diffusers
 from .sampler import SamplerConfig, flux_model_fn, ode_sample
@@ -155,8 +157,6 @@ class SampleOutput:
         """A ``judge.verdict.JudgeRequest`` for this output (references read from disk)."""
         from PIL import Image
 
-        from judge.verdict import JudgeRequest
-
         refs = [Image.open(p).convert("RGB") for p in self.record.refs]
         s = self.record.sample
         return JudgeRequest(s.instruction, refs[0], refs[1] if len(refs) > 1 else None, self.image,
@@ -187,7 +187,7 @@ def cached_split(bundle, manifest, split: str = "test", *, tasks=None, limit: in
     """``(entries, CachedDataset)`` of ``split`` (first ``limit`` samples): latents and text embeddings
     from the shared cache beside the manifest (``cache_dir`` to put it elsewhere), computed if absent."""
     records = load_manifest(manifest, split=split, tasks=tasks, require_target=require_target)[:limit]
-    cache = EmbeddingCache.for_bundle(Path(cache_dir) if cache_dir else Path(manifest).parent / ".cache", bundle)
+    cache = EmbeddingCache.for_bundle(cache_dir_for(manifest, cache_dir), bundle)
     entries, _ = prepare_cache(records, bundle, cache, max_pixels=max_pixels, progress=progress, manifest=manifest)
     return entries, CachedDataset(entries, cache)
 

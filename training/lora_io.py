@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Mapping
@@ -29,6 +28,8 @@ from dual_rope.lora_meta import (
     read_dualref_metadata,
     read_safetensors_header,
 )
+
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,8 @@ def save_lora(path, lora, metadata: LoraMetadata | Mapping | None = None, adapte
         state[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     lora_modules(state, path)  # the file we write passes our own reader's checks
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote LoRA %s: %d modules, rank %d, alpha %g, layout %s, stage %s",
              path, len(tensors), meta.rank, meta.alpha, meta.layout, meta.stage)
     return meta

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .lora_io import transformer_fingerprint
 from .model_files import (
     ModelFileError,
     check_kind,
@@ -250,7 +251,6 @@ class KontextBundle:
     def base_fingerprint(self) -> str:
         """The LoRA metadata's base-model fingerprint (training.lora_io.transformer_fingerprint)."""
         if "base" not in self._fingerprints:
-            from .lora_io import transformer_fingerprint
 
             self._fingerprints["base"] = transformer_fingerprint(self.transformer)
         return self._fingerprints["base"]

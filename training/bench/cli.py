@@ -23,12 +23,15 @@ import argparse
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from judge.manifest import SINGLE_TASKS, TASKS
+
+from ..files import cache_dir_for
 from .generators import NO_LORA, ComfyGenerator, HeadlessGenerator, generate_missing
 from .report import compare_tables, run_tables, table_text, write_report, write_tables
 from .run_folder import BenchError, RunDir, profile_mode, select_samples
-from judge.manifest import SINGLE_TASKS, TASKS
 
 log = logging.getLogger("training.bench")
 
@@ -147,22 +150,36 @@ def load_headless_model(args):
     return load_model(ModelConfig(path=str(path)), device=device, precision=precision)
 
 
-def judge_modes(args, judges, mode=None) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class Judging:
+    """How a run's outputs are judged: the profiles' config file, a mode over the profiles' own, and
+    a concurrency over theirs."""
+
+    config: Path | None = None
+    mode: str | None = None
+    concurrency: int | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "Judging":
+        return cls(args.judge_config, args.judge_mode, args.concurrency)
+
+
+def judge_modes(judging: Judging, judges, mode=None) -> list[tuple[str, str]]:
     """``(profile, mode)`` per judge, checked before anything is generated (a typo fails at once)."""
-    checked = [(profile, profile_mode(profile, args.judge_config)) for profile in judges]
-    return [(profile, mode or args.judge_mode or own) for profile, own in checked]
+    checked = [(profile, profile_mode(profile, judging.config)) for profile in judges]
+    return [(profile, mode or judging.mode or own) for profile, own in checked]
 
 
-def bench_run(args, run: RunDir, selected, manifest: Path, generator, label: str, judges, mode=None) -> dict:
+def bench_run(run: RunDir, selected, manifest: Path, generator, label: str, judges, judging: Judging, split: str,
+              mode=None) -> dict:
     """Generate what is missing, judge it with every ``(profile, mode)``, return ``{<profile>-<mode>: summary}``."""
-    run.prepare(selected, manifest, generator.identity(), label,
-                {"generator": generator.describe(), "split": args.split})
+    run.prepare(selected, manifest, generator.identity(), label, {"generator": generator.describe(), "split": split})
     counts = generate_missing(run, selected, generator)
     print(f"[{label}] outputs: {counts['generated']} generated, {counts['reused']} reused, "
           f"{counts['errors']} generator errors ({counts['seconds']:.1f} s)")
     summaries = {}
     for profile, judge_mode in judges:
-        summary = run.judge(profile, judge_mode, mode or args.judge_mode, args.judge_config, args.concurrency)
+        summary = run.judge(profile, judge_mode, mode or judging.mode, judging.config, judging.concurrency)
         o = summary["overall"]
         print(f"[{label}] judge {profile}-{judge_mode}: {o['n_judged']} judged, {o['n_unjudged']} unjudged, "
               f"{o['n_missing']} without output, {o['n_bad_input']} bad input ({summary.get('wall_s', 0):.1f} s)")
@@ -172,17 +189,17 @@ def bench_run(args, run: RunDir, selected, manifest: Path, generator, label: str
 
 def table2(args) -> int:
     manifest = args.manifest or default_manifest()
-    args.cache_dir = args.cache_dir or manifest.parent / ".cache"  # shared with SFT/DDPO on the same data
+    args.cache_dir = cache_dir_for(manifest, args.cache_dir)  # shared with SFT/DDPO on the same data
     tasks = args.tasks or list(TASKS)
     selected = select_samples(manifest, args.split, tasks, args.limit_per_task, args.seed)
-    judges = judge_modes(args, args.judge or default_judges(selected, args.judge_config))
+    judges = judge_modes(Judging.from_args(args), args.judge or default_judges(selected, args.judge_config))
     generator = make_generator(args, _loras(args))
     label = args.label or generator.label
     run = RunDir(args.out or DEFAULT_RUNS / slug(label))
     print(f"benchmark {label}: {len(selected)} {args.split} samples of {manifest} "
           f"({len({s.sample.task for s in selected})} tasks), generator {generator.kind}, "
           f"judges {', '.join(p for p, _ in judges)}")
-    summaries = bench_run(args, run, selected, manifest, generator, label, judges)
+    summaries = bench_run(run, selected, manifest, generator, label, judges, Judging.from_args(args), args.split)
     tables = run_tables(label, summaries)
     md, js = write_tables(run.root, "table2", tables, {"label": label, "judges": summaries})
     report = write_report(run.root / "report.html", f"DualRef benchmark - {label}", [run], tables, args.report_rows)
@@ -196,10 +213,11 @@ def table1(args) -> int:
     if args.generator != "headless":
         raise BenchError("--single runs headless: the ComfyUI task workflows take two references")
     manifest = args.manifest or default_manifest()
-    args.cache_dir = args.cache_dir or manifest.parent / ".cache"
+    args.cache_dir = cache_dir_for(manifest, args.cache_dir)
     tasks = args.tasks or list(SINGLE_TASKS)
     selected = select_samples(manifest, args.split, tasks, args.limit_per_task, args.seed)
-    judges = judge_modes(args, args.judge or default_judges(selected, args.judge_config), mode="score")
+    judges = judge_modes(Judging.from_args(args), args.judge or default_judges(selected, args.judge_config),
+                         mode="score")
     base = make_generator(args, [])
     model = args.label or base.label
     out = Path(args.out or DEFAULT_RUNS / f"{slug(model)}-table1")
@@ -215,7 +233,8 @@ def table1(args) -> int:
             print(f"Table 1: {len(selected)} single-reference {args.split} samples of {manifest}, judges "
                   f"{', '.join(p for p, _ in judges)} (0-10 score mode)")
         run = RunDir(out / name)
-        runs.append((label, bench_run(args, run, selected, manifest, generator, label, judges, mode="score"), run))
+        runs.append((label, bench_run(run, selected, manifest, generator, label, judges, Judging.from_args(args), args.split,
+                                          mode="score"), run))
     tables = compare_tables([(label, summaries) for label, summaries, _ in runs])
     md, js = write_tables(out, "table1", tables, {"runs": {label: str(run.root) for label, _, run in runs}})
     report = write_report(out / "report.html", f"DualRef Table 1 - {model}", [r for *_, r in runs], tables,

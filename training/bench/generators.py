@@ -7,13 +7,11 @@ run folder refuses to mix outputs of two identities.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -67,8 +65,8 @@ class HeadlessGenerator:
                  max_pixels: int = 512 * 512, bundle=None, progress: bool = True):
         from dual_rope import METHODS
 
-        from ..lora_io import load_lora
         from ..evaluation import sampler_config
+        from ..lora_io import load_lora
 
         if layout not in METHODS:
             raise BenchError(f"unknown --layout {layout!r}; use one of {', '.join(METHODS)}")

@@ -17,6 +17,7 @@ from judge.edit_score import SCORE_ASPECTS
 from judge.results import TABLE2_COLUMNS
 from judge.verdict import QUESTIONS
 
+from ..files import write_text
 from .run_folder import RunDir
 
 SCORE_NAMES = {"semantic_consistency": "SC", "perceptual_quality": "PQ", "overall": "Overall"}
@@ -229,8 +230,4 @@ def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_
         parts.append("</table>")
         if len(shown) < len(rows):
             parts.append(f"<p class=note>{len(rows) - len(shown)} more samples not shown (raise --report-rows)</p>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "\n".join(parts) + "\n")

@@ -12,7 +12,6 @@ Judging is ``python -m judge`` (judge/cli.py) on ``--manifest <run>/manifest.jso
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,10 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from judge.manifest import ManifestError, Sample, parse_line, write_manifest
 from judge.results import VerdictLog, write_json_atomic
 
-from judge.manifest import ManifestError, Sample, parse_line, write_manifest
-
+from ..files import atomic_path
 from ..seeds import sample_seed
 
 log = logging.getLogger(__name__)
@@ -165,18 +164,16 @@ class RunDir:
         from PIL import Image
 
         path = self.output_path(sample_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as im:
-                if im.format == "PNG":  # keep it byte for byte (ComfyUI's embedded workflow included)
-                    tmp.write_bytes(Path(image).read_bytes())
-                else:
-                    im.convert("RGB").save(tmp, format="PNG")
-        else:
-            pil = image if isinstance(image, Image.Image) else Image.fromarray(image, "RGB")
-            pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if isinstance(image, (str, os.PathLike)):
+                with Image.open(image) as im:
+                    if im.format == "PNG":  # keep it byte for byte (ComfyUI's embedded workflow included)
+                        tmp.write_bytes(Path(image).read_bytes())
+                    else:
+                        im.convert("RGB").save(tmp, format="PNG")
+            else:
+                pil = image if isinstance(image, Image.Image) else Image.fromarray(image, "RGB")
+                pil.save(tmp, format="PNG")
         return path
 
     # -- generation log -----------------------------------------------------------------------------
@@ -224,9 +221,7 @@ class RunDir:
         return json.loads((self.root / "judge" / key / "summary.json").read_text())
 
 
-def file_digest(path) -> str:
-    """sha256 of a small file (a workflow), for run identities."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
 
 
 def profile_mode(profile: str, config=None) -> str:

@@ -1,5 +1,5 @@
-"""DDPO configuration (``python -m training.ddpo``): dataclasses loaded from JSON/YAML with ``--set`` overrides,
-in the style of training/config.py (unknown keys are errors naming the key).
+"""DDPO configuration (``python -m training.ddpo``): dataclasses built by the project's one config system
+(:mod:`training.config`: JSON/YAML/TOML, ``--set`` overrides, unknown keys and wrong types are errors naming the key).
 
 One file holds the whole job: the model, the data, the frozen SFT LoRA (or the SFT config that makes
 it), the DDPO LoRA and optimizer, the rollout sampler, the DDPO algorithm, the judge, the final
@@ -9,18 +9,12 @@ the paper's setting.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
-from ..config import (
-    DEFAULT_TARGET_MODULES,
-    ConfigError,
-    ModelConfig,
-    _build,
-    _merge,
-    apply_overrides,
-    read_config_file,
-)
+from dual_rope import METHODS
+
+from ..config import DEFAULT_TARGET_MODULES, ConfigError, ModelConfig, build_config, load_into
+from ..sampler import SamplerConfig
 
 ADVANTAGES = ("baseline", "per_prompt")
 SAMPLER_KEYS = ("num_steps", "noise_level", "sde_fraction", "train_fraction", "shift", "guidance")
@@ -146,7 +140,6 @@ class DDPOConfig:
 
     def sampler(self, iteration: int, settings: dict | None = None):
         """The rollout SamplerConfig of ``iteration`` (its ensemble member), model defaults filled in."""
-        from ..sampler import SamplerConfig
 
         values = {k: getattr(self.rollout, k) for k in SAMPLER_KEYS}
         if self.rollout.ensemble:
@@ -156,8 +149,6 @@ class DDPOConfig:
         return SamplerConfig(**values)
 
     def validate(self, need_sft: bool = True) -> "DDPOConfig":
-        from dual_rope import METHODS
-
         d, r = self.ddpo, self.run
         choices = {"ddpo.advantage": (d.advantage, ADVANTAGES), "run.precision": (r.precision, ("fp32", "bf16")),
                    "run.layout": (r.layout, (None,) + tuple(METHODS)),
@@ -202,12 +193,9 @@ class DDPOConfig:
 
 
 def ddpo_config_from_dict(values: dict) -> DDPOConfig:
-    return _build(DDPOConfig, values, "")
+    return build_config(DDPOConfig, values)
 
 
 def load_ddpo_config(path=None, overrides=(), base: dict | None = None) -> DDPOConfig:
     """Defaults <- ``base`` <- the file at ``path`` <- ``overrides`` (``section.key=value`` strings)."""
-    values = json.loads(json.dumps(base or {}))
-    if path is not None:
-        _merge(values, read_config_file(path))
-    return ddpo_config_from_dict(apply_overrides(values, overrides))
+    return load_into(DDPOConfig, path, overrides, base)

@@ -31,20 +31,23 @@ from pathlib import Path
 import torch
 
 from judge.pool import JudgePool, collect
+from judge.registry import load_judge
 from judge.verdict import QUESTIONS, Unjudged
 
-from . import state as ddpo_state
 from .. import interrupts
 from ..cache import CachedDataset, EmbeddingCache, prepare_cache
 from ..config import ConfigError
 from ..data import load_manifest
+from ..evaluation import sample_images, sampler_config
+from ..files import cache_dir_for
+from ..models import load_model
+from ..runtime import MetricsLog, make_accelerator, spread
+from . import state as ddpo_state
 from .config import DDPOConfig
 from .objective import PerPromptStatTracker, RewardBaseline
-from .rollout import RequestMaker, plan_iteration, reward_table, sample_and_judge
+from .policy import Policy
+from .rollout import JUDGED, REWARD, REWARD_COLUMNS, RequestMaker, iteration_slots, reward_table, sample_and_judge
 from .update import compute_advantages, policy_update
-from ..sft.trainer import MetricsLog, spread
-from ..models import load_model
-from ..evaluation import sample_images, sampler_config
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +63,12 @@ class DDPOResult:
     eval_reward: float | None  # last ODE check on the held-out training tuples
 
 
-def make_accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
 def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path):
     """The training tuples as a cached dataset; ``(dataset, rollout indices, held-out check indices)``."""
     d = cfg.data
     records = load_manifest(d.manifest, split=d.split, tasks=d.tasks, skip_bad=d.skip_bad, run_dir=run_dir,
                             require_target=False)  # DDPO needs references and instructions, not targets
-    root = Path(d.cache_dir) if d.cache_dir else Path(d.manifest).parent / ".cache"
+    root = cache_dir_for(d.manifest, d.cache_dir)
     cache = EmbeddingCache.for_bundle(root, bundle)
     entries = None
     for first in (True, False):  # the main process encodes; the others then only read the cache
@@ -90,7 +87,7 @@ def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path):
 
 
 def build_policy(cfg: DDPOConfig, bundle):
-    """Base + merged SFT LoRA + trainable DDPO LoRA. Returns (transformer, params, layout, gates, base fingerprint)."""
+    """Base + merged SFT LoRA + trainable DDPO LoRA: ``(policy, trainable params, base fingerprint)``."""
     transformer = bundle.transformer
     base_fingerprint = bundle.base_fingerprint()  # of the base itself, before the SFT LoRA is merged in
     sft = ddpo_state.merge_lora_into_base(transformer, cfg.lora.sft)
@@ -105,16 +102,17 @@ def build_policy(cfg: DDPOConfig, bundle):
                                          cfg.run.seed)
     if cfg.run.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return transformer, params, layout, gates, base_fingerprint
+    autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
+    return Policy(transformer, layout, gates, bundle.device, autocast), params, base_fingerprint
 
 
 @torch.no_grad()
-def evaluate_held_out(transformer, bundle, dataset, indices, judge_pool, make_request, config, layout, gates,
-                      seed: int) -> dict:
+def evaluate_held_out(policy: Policy, bundle, dataset, indices, judge_pool, make_request, config, seed: int) -> dict:
     """ODE samples of the held-out training tuples, judged: the collapse / reward-hacking check."""
-    transformer.eval()
+    policy.transformer.eval()
     results = []
-    for chunk, images in sample_images(bundle, transformer, dataset, indices, layout, config, seed, gates):
+    for chunk, images in sample_images(bundle, policy.transformer, dataset, indices, policy.layout, config, seed,
+                                       policy.gates):
         results.extend(judge_pool.submit(make_request(i, image, f"eval-{i}")) for i, image in zip(chunk, images))
     verdicts = [v for v in collect(results) if not isinstance(v, Unjudged)]  # unjudged: left out, counted
     if not verdicts:
@@ -131,8 +129,6 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     ``on_iteration(i)`` runs after iteration i (tests interrupt from it); ``judge`` replaces the profile's."""
     from tqdm import tqdm
 
-    from judge.registry import load_judge
-
     cfg.validate()
     accelerator = accelerator or make_accelerator()
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
@@ -147,8 +143,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     # -- data, policy, judge ----------------------------------------------------------------------
     dataset, pool, held_out = prepare_data(cfg, bundle, accelerator, run_dir)
     keys = [e.record.sample.id for e in dataset.entries]
-    transformer, params, layout, gates, base_fingerprint = build_policy(cfg, bundle)
-    autocast = torch.bfloat16 if cfg.run.precision == "bf16" else None
+    policy, params, base_fingerprint = build_policy(cfg, bundle)
+    transformer = policy.transformer
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = ddpo_state.constant_schedule(optimizer)
@@ -174,8 +170,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     def held_out_check() -> dict:
         values = {}
         if held_out and main:
-            values = evaluate_held_out(transformer, bundle, dataset, held_out, judge_pool, make_request,
-                                       eval_config, layout, gates, cfg.run.seed)
+            values = evaluate_held_out(policy, bundle, dataset, held_out, judge_pool, make_request, eval_config,
+                                       cfg.run.seed)
         accelerator.wait_for_everyone()
         return values
 
@@ -205,14 +201,13 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
         for iteration in range(done, cfg.ddpo.iterations):
             begin = time.perf_counter()
             sampler = cfg.sampler(iteration, bundle.settings)
-            slots = plan_iteration(pool, cfg.ddpo.prompts_per_iteration, cfg.ddpo.group_size, sampler.guidance,
+            slots = iteration_slots(pool, cfg.ddpo.prompts_per_iteration, cfg.ddpo.group_size, sampler.guidance,
                                    cfg.run.seed, iteration)
             mine = [s for s in slots if s.index % world == accelerator.process_index]
             transformer.eval()
-            rollouts = sample_and_judge(transformer, bundle, dataset, mine, sampler, judge_pool, make_request,
-                                        layout=layout, gates=gates, batch_size=cfg.ddpo.rollout_batch,
-                                        retries=cfg.judge.retries, iteration=iteration, device=device,
-                                        overlap=overlap, autocast=autocast)
+            rollouts = sample_and_judge(policy, bundle, dataset, mine, sampler, judge_pool, make_request,
+                                        batch_size=cfg.ddpo.rollout_batch, retries=cfg.judge.retries,
+                                        iteration=iteration, overlap=overlap)
             table = accelerator.reduce(reward_table(rollouts, len(slots)), "sum")  # each row from its owner
             retries = int(accelerator.reduce(torch.tensor([rollouts.retries]), "sum"))
             if main:  # the only process that saves on Ctrl-C
@@ -224,8 +219,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                 every = accelerator.gather(mine_state)
                 adv_stats["sync_error"] = float((every - every[0]).abs().max())
             trained = time.perf_counter()
-            update = policy_update(cfg, transformer, params, optimizer, accelerator, dataset, rollouts, slots,
-                                   advantages, iteration, layout, gates, device, autocast)
+            update = policy_update(cfg, policy, params, optimizer, accelerator, dataset, rollouts, slots,
+                                   advantages, iteration)
             row = _iteration_row(iteration, table, slots, keys, dataset, sampler, retries, rollouts, adv_stats,
                                  update, trained - begin, time.perf_counter() - trained)
             if rollouts.unjudged_reasons:
@@ -267,7 +262,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     if main:
         lora_path = run_dir / DDPO_LORA
         ddpo_state.export_ddpo_lora(
-            lora_path, transformer, layout=layout, base_fingerprint=base_fingerprint, sft_path=cfg.lora.sft,
+            lora_path, transformer, layout=policy.layout, base_fingerprint=base_fingerprint, sft_path=cfg.lora.sft,
             rank=cfg.lora.rank, alpha=cfg.lora.alpha, iterations=cfg.ddpo.iterations,
             samples_per_iteration=cfg.ddpo.prompts_per_iteration * cfg.ddpo.group_size, world_size=world,
             seed=cfg.run.seed, lr=cfg.optim.lr, max_pixels=cfg.data.max_pixels, precision=cfg.run.precision,
@@ -280,16 +275,16 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
 def _iteration_row(iteration, table, slots, keys, dataset, sampler, retries, rollouts, adv_stats, update,
                    sample_time, train_time) -> dict:
     """One metrics line: rewards (overall, per question, per task), the drop count, the update's diagnostics."""
-    judged = table[:, 0] > 0
+    judged = table[:, JUDGED] > 0
     n = int(judged.sum())
     row = {"step": iteration + 1, "n_judged": n, "n_unjudged": len(slots) - n, "judge_retries": retries,
            "noise_level": sampler.noise_level, "reward": None}
     if n:
-        rewards = table[judged, 1]
+        rewards = table[judged, REWARD]
         row.update(reward=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
-        row.update({q: float(table[judged, 2 + k].mean()) for k, q in enumerate(QUESTIONS)})
+        row.update({q: float(table[judged, REWARD_COLUMNS.index(q)].mean()) for q in QUESTIONS})
         tasks: dict[str, list[float]] = {}
-        for s, j, r in zip(slots, judged.tolist(), table[:, 1].tolist()):
+        for s, j, r in zip(slots, judged.tolist(), table[:, REWARD].tolist()):
             if j:
                 tasks.setdefault(dataset.entries[s.prompt].record.sample.task, []).append(r)
         row.update({f"reward_{t}": sum(v) / len(v) for t, v in sorted(tasks.items())})

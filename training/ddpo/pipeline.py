@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..files import atomic_path
 from .config import DDPOConfig, ddpo_config_from_dict, load_ddpo_config
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,15 @@ def run_sft(cfg: DDPOConfig, out: Path) -> Path:
     sft.data.manifest, sft.data.cache_dir = cfg.data.manifest, cfg.data.cache_dir
     sft.train.seed, sft.run.out_dir, sft.run.progress = cfg.run.seed, str(out / "sft"), cfg.run.progress
     result = train(sft.validate(), resume="auto")
-    if result.lora_path is not None:  # the main process; copied, then renamed: never half a file
-        tmp = out / f".{SFT_LORA}.tmp"
-        shutil.copyfile(result.lora_path, tmp)
-        tmp.replace(out / SFT_LORA)
+    if result.lora_path is not None:  # the main process; never half a file
+        with atomic_path(out / SFT_LORA) as tmp:
+            shutil.copyfile(result.lora_path, tmp)
     return out / SFT_LORA
 
 
 def ddpo_done(cfg: DDPOConfig, out: Path) -> bool:
-    from .loop import DDPO_LORA
     from ..lora_io import load_lora
+    from .loop import DDPO_LORA
 
     path = out / DDPO_LORA
     if not path.is_file():
@@ -174,7 +174,8 @@ def _build_toy_base(cfg: DDPOConfig, record: Path) -> Path:
 
 def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
     """Every stage in order, each skipped when its product is already in ``out``. Returns the summary."""
-    from .loop import DDPO_LORA, make_accelerator, train_ddpo
+    from ..runtime import make_accelerator
+    from .loop import DDPO_LORA, train_ddpo
 
     check_inputs(cfg)  # before any stage: a typo must not cost a base build or an SFT run
     accelerator = accelerator or make_accelerator()
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     from judge.manifest import ManifestError
+
     from ..model_files import ModelFileError
 
     args = parse_args(argv)

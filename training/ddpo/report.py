@@ -7,12 +7,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from judge.manifest import TASKS
 from judge.results import TABLE2_COLUMNS
 
+from ..bench.cli import Judging, bench_run, judge_modes
+from ..bench.generators import HeadlessGenerator
+from ..bench.report import compare_tables, table_text, write_report, write_tables
+from ..bench.run_folder import RunDir, select_samples
+from ..evaluation import image_grid
+from ..files import cache_dir_for, write_json
+from ..lora_io import load_lora
+from ..models import load_model
 from .config import DDPOConfig
 
 log = logging.getLogger(__name__)
@@ -24,19 +32,13 @@ def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: P
     """Generate and judge the three models (reusing whatever an earlier run already made), write
     ``summary.json`` / ``summary.md`` / ``report.html`` / ``grid.png`` / ``reward_curve.png``, print
     the table, return ``summary.json``'s content. Runs on ``device`` in the run's precision."""
-    from ..bench.cli import bench_run, judge_modes
-    from ..bench.generators import HeadlessGenerator
-    from ..bench.report import compare_tables, table_text, write_report, write_tables
-    from ..bench.run_folder import RunDir, select_samples
-    from judge.manifest import TASKS
-    from ..models import load_model
 
     e = cfg.eval
     manifest = Path(cfg.data.manifest)
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else manifest.parent / ".cache"
+    cache = cache_dir_for(manifest, cfg.data.cache_dir)
     tasks = cfg.data.tasks or list(TASKS)
-    args = SimpleNamespace(split=e.split, judge_mode=e.mode, judge_config=cfg.judge.config, concurrency=None)
-    judges = judge_modes(args, e.judges or [cfg.judge.profile])
+    judging = Judging(config=cfg.judge.config, mode=e.mode)
+    judges = judge_modes(judging, e.judges or [cfg.judge.profile])
     bundle = load_model(cfg.model, device=device, precision=cfg.run.precision)
     loras = {"base": [], "sft": [(sft_lora, 1.0)], "sft_ddpo": [(sft_lora, 1.0), (ddpo_lora, 1.0)]}
     layout = cfg.run.layout or _lora_layout(sft_lora)
@@ -47,7 +49,7 @@ def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: P
                                       progress=cfg.run.progress)
         selected = select_samples(manifest, e.split, tasks, e.limit_per_task, seed=0)
         run = RunDir(out / "eval" / name)
-        results[name] = (label, bench_run(args, run, selected, manifest, generator, label, judges), run)
+        results[name] = (label, bench_run(run, selected, manifest, generator, label, judges, judging, e.split), run)
         runs.append(run)
     key = f"{judges[0][0]}-{judges[0][1]}"
     summary = {name: table2_dict(summaries[key]) for name, (_, summaries, _) in results.items()}
@@ -55,7 +57,7 @@ def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: P
     # summary.md is the table; summary.json exactly the Table-2 dict; the full tables go to table2.json
     write_tables(out, "table2", tables, {"summary": summary, "judge": key})
     (out / "table2.md").replace(out / "summary.md")
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)  # keys in the given order: tasks as the paper's, "mean" last
     write_report(out / "report.html", f"DualRef main job - {out.name}", runs, tables)
     sample_grid(out / "grid.png", runs, results["base"][2], e.grid_per_task)
     reward_curve(out / "metrics.jsonl", out / "reward_curve.png", summary)
@@ -65,17 +67,8 @@ def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: P
 
 
 def _lora_layout(path: Path) -> str:
-    from ..lora_io import load_lora
-
     meta = load_lora(path)[1]
     return meta.layout if meta is not None else "diagonal"
-
-
-def _write_json(path: Path, value) -> None:
-    """Atomically, keys in the given order (tasks in the paper's order, "mean" last)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def table2_dict(summary: dict) -> dict:
@@ -90,8 +83,6 @@ def table2_dict(summary: dict) -> dict:
 def sample_grid(path: Path, runs, base_run, per_task: int) -> Path | None:
     """Rows: ``per_task`` test samples of each task; columns: ref 1, ref 2, base, SFT, SFT+DDPO, target."""
     from PIL import Image, ImageDraw
-
-    from ..evaluation import image_grid
 
     samples, counts = [], {}
     for s in base_run.samples():

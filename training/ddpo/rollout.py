@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dual_rope.diffusers_adapter import prepare_references
 from judge.pool import JudgePool
 from judge.verdict import QUESTIONS, JudgeRequest, Unjudged, Verdict
 
 from ..cache import CachedDataset
 from ..data import to_uint8
 from ..evaluation import by_bucket
-from ..sampler import SamplerConfig, Trajectory, flux_model_fn, random_guidance, rollout
+from ..sampler import SamplerConfig, Trajectory, random_guidance, rollout
 from ..seeds import keyed_generator
+from .policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Slot:
     guidance: float
 
 
-def plan_iteration(pool: list[int], prompts: int, group_size: int, guidance, seed: int, iteration: int) -> list[Slot]:
+def iteration_slots(pool: list[int], prompts: int, group_size: int, guidance, seed: int, iteration: int) -> list[Slot]:
     """The iteration's slots: ``prompts`` distinct tuples from ``pool``, ``group_size`` rollouts each,
     every rollout with its own seed and guidance scale (paper 3.3: randomised seeds and guidance)."""
     if prompts > len(pool):
@@ -56,27 +56,6 @@ def plan_iteration(pool: list[int], prompts: int, group_size: int, guidance, see
             scale = float(random_guidance(1, *guidance, generator=keyed_generator(DRAWS, seed, "guidance", iteration, index)))
             slots.append(Slot(index, pool[position], group, noise_seed, scale))
     return slots
-
-
-def latent_shape(dataset: CachedDataset, index: int, channels: int) -> tuple[int, int, int]:
-    """(C, h, w) of the output: the target's size, else reference 1's (Kontext outputs at image 1's size)."""
-    shapes = dataset.entries[index].shapes
-    h, w = shapes[0] if shapes[0] is not None else shapes[1]
-    return channels, h, w
-
-
-def model_fn_for(transformer, dataset: CachedDataset, slots: list[Slot], layout: str, gates, device,
-                 guidance: torch.Tensor | None = None):
-    """``(model_fn, latent shape)`` for a batch of slots: their references, instruction and guidance."""
-    batch = dataset.batch([s.prompt for s in slots])
-    refs = [r.to(device) for r in batch.refs]
-    shape = latent_shape(dataset, slots[0].prompt, refs[0].shape[1])
-    sequence = prepare_references(shape[-2:], refs, layout, gates)
-    if guidance is None:
-        guidance = torch.tensor([s.guidance for s in slots], dtype=torch.float32)
-    scale = guidance.to(device) if transformer.config.guidance_embeds else None
-    fn = flux_model_fn(transformer, sequence, batch.prompt_embeds.to(device), batch.pooled.to(device), guidance=scale)
-    return fn, shape
 
 
 @dataclass
@@ -138,9 +117,9 @@ def collect_verdicts(pool: JudgePool, requests: list[JudgeRequest], futures: lis
 
 
 @torch.no_grad()
-def sample_and_judge(transformer, bundle, dataset: CachedDataset, slots: list[Slot], sampler: SamplerConfig,
-                     judge_pool: JudgePool, make_request: RequestMaker, *, layout: str, gates, batch_size: int,
-                     retries: int, iteration: int, device, overlap: bool = True, autocast=None) -> Rollouts:
+def sample_and_judge(policy: Policy, bundle, dataset: CachedDataset, slots: list[Slot], sampler: SamplerConfig,
+                     judge_pool: JudgePool, make_request: RequestMaker, *, batch_size: int, retries: int,
+                     iteration: int, overlap: bool = True) -> Rollouts:
     """Sample ``slots`` (SDE, with log-probs), submit each decoded batch to the judge at once and
     sample the next batch meanwhile; then wait for the verdicts. ``overlap=False`` waits for each
     batch's verdicts before sampling the next (the benchmark's sequential baseline)."""
@@ -148,10 +127,10 @@ def sample_and_judge(transformer, bundle, dataset: CachedDataset, slots: list[Sl
     parts, ordered, requests, futures, images = [], [], [], [], []
     first_submit, wait = None, 0.0
     for chunk in by_bucket(dataset, slots, batch_size, key=lambda s: s.prompt):
-        fn, shape = model_fn_for(transformer, dataset, chunk, layout, gates, device)
-        with torch.autocast(torch.device(device).type, autocast or torch.bfloat16, enabled=autocast is not None):
+        fn, shape = policy.model_fn(dataset, chunk)
+        with policy.precision():
             traj = rollout(fn, shape, [s.seed for s in chunk], sampler,
-                           guidance=torch.tensor([s.guidance for s in chunk]), device=device)
+                           guidance=torch.tensor([s.guidance for s in chunk]), device=policy.device)
         pixels = bundle.decode_latents(traj.final)
         k = traj.stochastic_steps  # keep only what training re-scores: states 0..k
         parts.append(Trajectory(traj.latents[:, :k + 1].cpu(), traj.log_probs.cpu(), traj.sigmas[:, :k + 1].cpu(),
@@ -184,11 +163,15 @@ def sample_and_judge(transformer, bundle, dataset: CachedDataset, slots: list[Sl
                     done - (first_submit or done))
 
 
+REWARD_COLUMNS = ("judged", "reward") + QUESTIONS  # the reward table's columns
+JUDGED, REWARD = 0, 1
+
+
 def reward_table(rollouts: Rollouts, slots_total: int) -> torch.Tensor:
-    """(slots_total, 5) float64: [judged?, reward, fidelity, consistency, realism] in this process's
-    rows (zeros elsewhere), to be summed across processes. An unjudged row says judged = 0; its
-    reward column is never read (the sample is dropped, not scored)."""
-    table = torch.zeros(slots_total, 2 + len(QUESTIONS), dtype=torch.float64)
+    """(slots_total, len(REWARD_COLUMNS)) float64 in this process's rows (zeros elsewhere), to be
+    summed across processes. An unjudged row says judged = 0; its reward column is never read (the
+    sample is dropped, not scored)."""
+    table = torch.zeros(slots_total, len(REWARD_COLUMNS), dtype=torch.float64)
     for slot, verdict in zip(rollouts.slots, rollouts.verdicts):
         if verdict is not None:
             table[slot.index] = torch.tensor([1.0, verdict.reward] + [getattr(verdict, q) for q in QUESTIONS],

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from ..files import file_digest
+from ..lora_io import LoraFileError, load_lora, lora_content_hash, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,6 @@ ADAPTER = "ddpo"
 @torch.no_grad()
 def merge_lora_into_base(transformer, path) -> "LoraMetadata":  # noqa: F821
     """Add a DualRef LoRA file's ``(alpha/rank) B @ A`` to the transformer's weights (float32 arithmetic)."""
-    from ..lora_io import LoraFileError, load_lora
 
     state, meta = load_lora(path)
     modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k})
@@ -121,14 +122,11 @@ def export_ddpo_lora(path, transformer, *, layout: str, base_fingerprint: str, s
                      lr: float, max_pixels: int, precision: str, manifest) -> "LoraMetadata":  # noqa: F821
     """Write the DDPO LoRA: stage ddpo, the SFT LoRA's layout, the *original* base's fingerprint and
     the SFT LoRA's content hash, so DualLoRAApply checks it belongs on top of that SFT LoRA."""
-    import hashlib
-
-    from ..lora_io import lora_content_hash, save_lora
 
     train = {"steps": int(iterations), "batch_size": int(samples_per_iteration), "world_size": int(world_size),
              "seed": int(seed), "learning_rate": float(lr), "resolution": int(math.isqrt(int(max_pixels))),
              "references": 2, "precision": precision,
-             "dataset_hash": hashlib.sha256(Path(manifest).read_bytes()).hexdigest()[:16]}
+             "dataset_hash": file_digest(manifest)}
     meta = {"layout": layout, "stage": "ddpo", "base_fingerprint": base_fingerprint,
             "sft_lora": lora_content_hash(sft_path), "rank": rank, "alpha": float(alpha or rank), "train": train}
     return save_lora(path, transformer, meta, adapter_name=ADAPTER)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..evaluation import by_bucket
+from ..sampler import logprob_of_transition, train_step_indices
+from ..seeds import keyed_generator
 from .config import DDPOConfig
 from .objective import (
     PerPromptStatTracker,
@@ -18,21 +21,19 @@ from .objective import (
     gaussian_kl,
     zero_advantage_group_share,
 )
-from ..evaluation import by_bucket
-from ..seeds import keyed_generator
-from .rollout import DRAWS, Slot, model_fn_for
-from ..sampler import logprob_of_transition, train_step_indices
+from .policy import Policy
+from .rollout import DRAWS, JUDGED, REWARD, Slot
 
 
 def compute_advantages(table: torch.Tensor, slots: list[Slot], keys: list[str], baseline: RewardBaseline,
                        tracker: PerPromptStatTracker, cfg: DDPOConfig):
     """Advantages (NaN for unjudged slots, which are dropped) from the gathered reward table, the same
     on every process. The baseline always advances, so it is reported in per_prompt mode too."""
-    judged = table[:, 0] > 0
+    judged = table[:, JUDGED] > 0
     out = torch.full((len(slots),), float("nan"))
     if not judged.any():
         return out, {"zero_adv_groups": None, "baseline": baseline.value}
-    rewards = table[judged, 1]
+    rewards = table[judged, REWARD]
     groups = [keys[s.prompt] for s, j in zip(slots, judged.tolist()) if j]
     advantages = baseline.advantages(rewards)
     if cfg.ddpo.advantage == "per_prompt":
@@ -51,8 +52,11 @@ def policy_loss(logp_new, logp_old, advantages, clip_range: float, weight: float
     return loss * weight, stats
 
 
-def policy_update(cfg: DDPOConfig, transformer, params, optimizer, accelerator, dataset, rollouts, slots,
-                  advantages: torch.Tensor, iteration: int, layout: str, gates, device, autocast=None) -> dict:
+SUMS = ("entries", "policy_loss", "approx_kl", "clip_fraction", "kl_ref")  # the update's running sums
+
+
+def policy_update(cfg: DDPOConfig, policy: Policy, params, optimizer, accelerator, dataset, rollouts, slots,
+                  advantages: torch.Tensor, iteration: int) -> dict:
     """PPO epochs over the iteration's judged samples. Minibatches are drawn from the *global* slot
     order, each process trains on the members it sampled, gradients are summed across processes."""
     d, world, rank = cfg.ddpo, accelerator.num_processes, accelerator.process_index
@@ -61,7 +65,8 @@ def policy_update(cfg: DDPOConfig, transformer, params, optimizer, accelerator, 
     steps = {s.index: train_step_indices(1, traj.stochastic_steps, cfg.rollout.train_fraction,
                                          keyed_generator(DRAWS, seed, "steps", iteration, s.index))[0] for s in slots}
     judged = ~torch.isnan(advantages)
-    sums = torch.zeros(5, dtype=torch.float64)  # entries, policy_loss, approx_kl, clip_fraction, kl_ref (sums)
+    transformer, device = policy.transformer, policy.device
+    sums = torch.zeros(len(SUMS), dtype=torch.float64)  # entry-weighted, so their ratio to "entries" is a mean
     first_error, grad_norms = 0.0, []
     for p in params:  # a process without members in a minibatch still adds (zero) gradients to the sum
         if p.grad is None:
@@ -78,13 +83,12 @@ def policy_update(cfg: DDPOConfig, transformer, params, optimizer, accelerator, 
             mine = [slots[i] for i in members if i % world == rank]
             for chunk in by_bucket(dataset, mine, d.train_chunk, key=lambda s: s.prompt):
                 rows = torch.tensor([row[s.index] for s in chunk])
-                fn, _ = model_fn_for(transformer, dataset, chunk, layout, gates, device, traj.guidance[rows])
+                fn, _ = policy.model_fn(dataset, chunk, traj.guidance[rows])
                 adv = advantages[[s.index for s in chunk]].to(device)
                 for j in range(len(steps[chunk[0].index])):
                     step = torch.stack([steps[s.index][j] for s in chunk])
                     x_t, x_next, sigma, sigma_next, old = (t.to(device) for t in _transition(traj, rows, step))
-                    with torch.autocast(torch.device(device).type, autocast or torch.bfloat16,
-                                        enabled=autocast is not None):
+                    with policy.precision():
                         kl, ref = None, None
                         if d.kl_weight > 0:  # the reference first: disabling toggles the adapter's requires_grad
                             with torch.no_grad():
@@ -100,9 +104,8 @@ def policy_update(cfg: DDPOConfig, transformer, params, optimizer, accelerator, 
                     error = float((score.logprob.detach() - old).exp().sub(1).abs().max())
                     if epoch == 0 and start == 0:
                         first_error = max(first_error, error)  # before any update: on-policy, ratio must be 1
-                    sums += torch.tensor([len(chunk), st["policy_loss"] * len(chunk), st["approx_kl"] * len(chunk),
-                                          st["clip_fraction"] * len(chunk), st.get("kl_ref", 0.0) * len(chunk)],
-                                         dtype=torch.float64)
+                    sums += torch.tensor([1.0] + [st.get(name, 0.0) for name in SUMS[1:]],
+                                         dtype=torch.float64) * len(chunk)
             flat = torch.cat([p.grad.reshape(-1) for p in params])
             flat = accelerator.reduce(flat, "sum")  # every process adds its members' share of the mean
             offset = 0
@@ -114,13 +117,13 @@ def policy_update(cfg: DDPOConfig, transformer, params, optimizer, accelerator, 
             else:
                 grad_norms.append(float(torch.linalg.vector_norm(flat)))
             optimizer.step()
-    sums = accelerator.reduce(sums, "sum")
-    n = max(float(sums[0]), 1.0)
-    out = {"policy_loss": float(sums[1]) / n, "approx_kl": float(sums[2]) / n, "clip_fraction": float(sums[3]) / n,
-           "onpolicy_ratio_error": float(accelerator.reduce(torch.tensor([first_error]), "max")),
-           "optimizer_steps": len(grad_norms), "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None}
-    if d.kl_weight > 0:
-        out["kl_ref"] = float(sums[4]) / n
+    total = dict(zip(SUMS, accelerator.reduce(sums, "sum").tolist()))
+    n = max(total.pop("entries"), 1.0)
+    if d.kl_weight <= 0:
+        total.pop("kl_ref")
+    out = {name: value / n for name, value in total.items()}
+    out.update(onpolicy_ratio_error=float(accelerator.reduce(torch.tensor([first_error]), "max")),
+               optimizer_steps=len(grad_norms), grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None)
     return out
 
 

@@ -14,8 +14,9 @@ import argparse
 import logging
 import sys
 
-from ..config import ConfigError, load_config
 from judge.manifest import ManifestError
+
+from ..config import ConfigError, load_config
 from ..model_files import ModelFileError
 
 

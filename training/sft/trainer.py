@@ -31,9 +31,12 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, SFTConfig
 from ..data import BucketBatches, load_manifest
-from ..models import load_model
-from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
 from ..evaluation import sampler_config, validation_grid, validation_loss
+from ..files import cache_dir_for, file_digest
+from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
+from ..lora_io import save_lora
+from ..models import load_model
+from ..runtime import MetricsLog, make_accelerator, spread
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +52,8 @@ class TrainResult:
     metrics_path: Path
 
 
-def make_accelerator(cfg: SFTConfig):
-    from accelerate import Accelerator
-
-    # bf16 autocast is ours (FlowMatchingModel.autocast), not accelerate's: its mixed_precision is process-global
-    # state, which would forbid a second in-process run with another precision.
-    kwargs = {"cpu": not torch.cuda.is_available()}
-    if cfg.train.distributed == "fsdp":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.distributed=fsdp needs GPUs; use ddp on CPU")
-        from accelerate import FullyShardedDataParallelPlugin
-
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
-            transformer_cls_names_to_wrap=["FluxTransformerBlock", "FluxSingleTransformerBlock"])
-    return Accelerator(**kwargs)
-
-
 def _cache_dir(cfg: SFTConfig) -> Path:
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.manifest).parent / ".cache"
+    return cache_dir_for(cfg.data.manifest, cfg.data.cache_dir)
 
 
 def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path):
@@ -148,36 +134,13 @@ def build_optimizer(cfg: SFTConfig, model: FlowMatchingModel):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def spread(count: int, wanted: int) -> list[int]:
-    """``wanted`` indices evenly spread over ``range(count)`` (manifests are often sorted by task)."""
-    n = min(count, wanted)
-    return [i * count // n for i in range(n)] if n else []
-
-
-class MetricsLog:
-    """``metrics.jsonl`` on the main process; on resume, lines past the resumed step are dropped."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(k + "\n" for k in kept))
-        elif enabled and resume_step is None:
-            path.write_text("")
-
-    def write(self, **values) -> None:
-        if self.enabled:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(values, sort_keys=True) + "\n")
-
-
 def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step=None) -> TrainResult:
     """Train as ``cfg`` says; ``resume`` = True/"latest"/a checkpoint folder; ``on_step(step)`` runs after
     every step (tests interrupt a run from it with ``KeyboardInterrupt``, which saves a checkpoint)."""
     from tqdm import tqdm
 
     cfg.validate()
-    accelerator = accelerator or make_accelerator(cfg)
+    accelerator = accelerator or make_accelerator(cfg.train.distributed)
     main = accelerator.is_main_process
     run_dir = Path(cfg.run.out_dir)
     if main:
@@ -327,9 +290,6 @@ def export(cfg: SFTConfig, model: FlowMatchingModel, run_dir: Path, base_fingerp
         out = run_dir / "transformer"
         model.transformer.save_pretrained(str(out), safe_serialization=True, state_dict=weights)
         return None, out
-    import hashlib
-
-    from ..lora_io import save_lora
 
     path = run_dir / "lora.safetensors"
     train_info = {  # typed facts only (lora_meta.TRAIN_FIELDS): no paths or free text in a shared file
@@ -337,7 +297,7 @@ def export(cfg: SFTConfig, model: FlowMatchingModel, run_dir: Path, base_fingerp
         "batch_size": cfg.data.batch_size, "world_size": world_size, "seed": cfg.train.seed,
         "learning_rate": float(cfg.optim.lr), "resolution": int(math.isqrt(cfg.data.max_pixels)),
         "references": 2, "precision": cfg.train.precision,
-        "dataset_hash": hashlib.sha256(Path(cfg.data.manifest).read_bytes()).hexdigest()[:16]}
+        "dataset_hash": file_digest(cfg.data.manifest)}
     gates = model.gates() if full_state is None or "log_gates" not in full_state else \
         [float(g) for g in full_state["log_gates"].exp()]
     lora = model.transformer if weights is None else {k: v for k, v in weights.items() if "lora_" in k}

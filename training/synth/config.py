@@ -1,6 +1,6 @@
 """The synthesis config: theme pools, per-task counts, the LLM and image endpoints, judge, budget.
 
-A JSON (or, on Python 3.11+, TOML) file; relative paths are relative to the file::
+A JSON, YAML or TOML file; relative paths are relative to the file::
 
     {
       "out": "synth_out",                       # manifest.jsonl, state.jsonl, targets/ go here
@@ -38,16 +38,13 @@ Either answers ``{"data": [{"b64_json": ...} | {"url": ...}]}``. The prompt is
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from judge.config import Profile, ProfileError
+from judge.manifest import TASKS
 
-try:
-    from judge.manifest import TASKS
-except ImportError:  # run as a script
-    from judge.manifest import TASKS
+from ..config import ConfigError, read_config_file
 
 THEMES = ("animals", "scenes", "people", "clothing", "styles")
 # Image 1 / image 2 themes per task (paper Sec. 3.1): image 1 is what is edited, image 2 what is brought in.
@@ -64,10 +61,6 @@ IMAGE_ENDPOINTS = ("edits", "generations")
 _SECRET_KEYS = ("api_key", "key", "token", "authorization", "password", "secret", "headers")
 _LLM_ONLY = ("response_format",)
 _IMAGE_ONLY = ("endpoint", "size", "image_field", "response_format", "prompt_template", "extra_fields", "price_per_image")
-
-
-class ConfigError(ValueError):
-    """A bad synthesis config, naming the file, the field and the fix."""
 
 
 @dataclass
@@ -157,7 +150,7 @@ def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfi
         raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     for key in ("pools", "tasks", "llm"):
         if key not in data:
-            raise ConfigError(f"{source}: missing {key!r} (see training/synth_config.py for the format)")
+            raise ConfigError(f"{source}: missing {key!r} (see training/synth/config.py for the format)")
     pools = {}
     for theme, folder in data["pools"].items():
         if theme not in THEMES:
@@ -214,18 +207,6 @@ def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfi
 
 
 def load_config(path) -> SynthConfig:
+    """The synthesis config file (JSON, YAML or TOML, read as every config of the project is)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read synthesis config {path}: {e.strerror}") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
-    return parse_config(data, path.parent, str(path))
+    return parse_config(read_config_file(path), path.parent, str(path))

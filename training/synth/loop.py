@@ -27,13 +27,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from judge.base import Judge
+from judge.manifest import Sample, write_manifest
 from judge.verdict import JudgeRequest, Unjudged
 
-from judge.manifest import Sample, write_manifest
 from .config import ConfigError, SynthConfig, load_config
 from .endpoints import Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient
-from .pairs import candidates_for, iter_pairs, sample_id, scan_pools, split_of
 from .instructions import InstructionRegistry, PlanRejected, request_plan
+from .pairs import candidates_for, iter_pairs, sample_id, scan_pools, split_of
 from .state import FINAL, PROGRESS, SynthState
 
 log = logging.getLogger("training.synth")  # the same name when run with -m

@@ -80,8 +80,8 @@ def sft_run(base: Path, manifest: Path, out: Path, layout: str, args) -> tuple[P
     """The LoRA of one SFT run (trained now, or reused when ``out`` holds a finished run of the same
     config, base and data) and its training wall time in seconds."""
     from ..config import load_config
+    from ..files import file_digest
     from ..sft.trainer import train
-    from .tables import file_digest
 
     overrides = [f"model.path={base}", f"data.manifest={manifest}", f"train.layout={layout}",
                  f"run.out_dir={out}", f"run.progress={'false' if args.quiet else 'true'}"] + list(args.sft_set)

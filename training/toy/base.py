@@ -27,6 +27,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import SFTConfig
+from ..models import load_kontext
+from ..sft.trainer import train
+from .models import (
+    TOY_CONFIGS,
+    TOY_MAX_SEQUENCE_LENGTH,
+    build_components,
+    reconstruction_error,
+    save_folder,
+    set_latent_normalisation,
+    toy_config,
+    train_vae,
+)
+from .templates import vocabulary
+from .world import ALL_TASKS, WORLD_VERSION, generate_world, make_sample
+
 log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 3  # 2: the world's block rendering; 3: world v3 vocabulary, warm attention start
@@ -59,9 +75,6 @@ VAE_KEYS = ("seed", "size", "vae_images", "vae_steps", "vae_batch", "vae_lr", "v
 
 
 def _key(payload: dict, config_files) -> str:
-    from .world import WORLD_VERSION
-    from .models import TOY_CONFIGS
-
     configs = {str(p.relative_to(TOY_CONFIGS)): json.loads(p.read_text()) for p in sorted(config_files)}
     blob = json.dumps({"version": RECIPE_VERSION, "world": WORLD_VERSION, "recipe": payload, "configs": configs},
                       sort_keys=True)
@@ -70,14 +83,12 @@ def _key(payload: dict, config_files) -> str:
 
 def recipe_key(recipe: dict) -> str:
     """Names the base folder: every recipe value and every toy config."""
-    from .models import TOY_CONFIGS
 
     return _key(recipe, TOY_CONFIGS.rglob("*.json"))
 
 
 def vae_key(recipe: dict) -> str:
     """Names the trained-VAE folder: only what the VAE depends on, so other base recipes reuse it."""
-    from .models import TOY_CONFIGS
 
     return _key({k: recipe[k] for k in VAE_KEYS}, [TOY_CONFIGS / "vae" / "config.json"])
 
@@ -95,7 +106,6 @@ def _lock(path: Path):
 
 def vae_images(recipe: dict, split: str, count: int) -> torch.Tensor:
     """References and targets of every toy task (``split``), as (N, 3, H, W) in [-1, 1]."""
-    from .world import ALL_TASKS, make_sample
 
     arrays, index = [], 0
     while len(arrays) < count:
@@ -121,8 +131,6 @@ def trained_vae(cache: Path, recipe: dict, progress: bool):
 def _train_vae(folder: Path, cache: Path, recipe: dict, progress: bool):
     from diffusers import AutoencoderKL
 
-    from .models import reconstruction_error, set_latent_normalisation, toy_config, train_vae
-
     torch.manual_seed(recipe["seed"])
     vae = AutoencoderKL.from_config(toy_config("vae"))
     train_images = vae_images(recipe, "train", recipe["vae_images"])
@@ -145,8 +153,6 @@ def _train_vae(folder: Path, cache: Path, recipe: dict, progress: bool):
 
 def build_folder(work: Path, cache: Path, recipe: dict, progress: bool) -> dict:
     """Random toy components + the trained VAE, saved to ``work`` (a loadable Kontext folder)."""
-    from .templates import vocabulary
-    from .models import TOY_MAX_SEQUENCE_LENGTH, build_components, save_folder
 
     parts = build_components(vocabulary(), recipe["seed"], recipe["qk_norm_init"])
     parts["vae"], stats = trained_vae(cache, recipe, progress)
@@ -159,7 +165,6 @@ def build_folder(work: Path, cache: Path, recipe: dict, progress: bool) -> dict:
 
 def pretrain_config(work: Path, world: Path, recipe: dict, progress: bool):
     """The trainer config of the pretraining: full-parameter flow matching on single_edit."""
-    from ..config import SFTConfig
 
     cfg = SFTConfig()
     cfg.model.path = str(work)
@@ -178,7 +183,6 @@ def pretrain_config(work: Path, world: Path, recipe: dict, progress: bool):
 
 def pretrain(work: Path, world: Path, recipe: dict, progress: bool):
     """Pretrain the base in ``work`` with the project's one trainer (resumable)."""
-    from ..sft.trainer import train
 
     return train(pretrain_config(work, world, recipe, progress), resume="auto")
 
@@ -186,8 +190,6 @@ def pretrain(work: Path, world: Path, recipe: dict, progress: bool):
 def toy_base(cache_dir=None, *, progress: bool = True, force: bool = False, **overrides) -> Path:
     """Path of the pretrained toy base folder; builds it on first use. ``overrides`` change the recipe
     (e.g. ``base_steps=20`` for a quick smoke build) and so the folder."""
-    from ..models import load_kontext
-    from .world import generate_world
 
     unknown = set(overrides) - set(DEFAULT_RECIPE)
     if unknown:

@@ -37,6 +37,7 @@ from judge.toy.scene import (
     rgb,
     shape_box,
 )
+
 from .tasks import CONTRAST, GROUP_SLOTS
 
 FAILURES = ("ref1", "ref2", "blank", "noise", "wrong_place", "wrong_colour", "wrong_size", "half",

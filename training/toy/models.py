@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from .. import interrupts
+from ..files import atomic_path
 from ..models import CONFIG_ROOT
 from .tokenizer import build_word_tokenizer
 
@@ -127,8 +128,6 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 16, lr: f
     with the weights an uninterrupted run would have. ``on_step(step)`` is called after each step."""
     from tqdm import tqdm
 
-    from .. import interrupts
-
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -149,10 +148,9 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int = 16, lr: f
     def save(step: int) -> None:
         if checkpoint is None:
             return
-        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-        torch.save({"steps": steps, "step": step, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "generator": g.get_state()}, tmp)
-        os.replace(tmp, checkpoint)
+        with atomic_path(checkpoint) as tmp:
+            torch.save({"steps": steps, "step": step, "vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "generator": g.get_state()}, tmp)
 
     vae.train()
     start, loss, finished = time.perf_counter(), None, done

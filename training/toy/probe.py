@@ -26,6 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from judge.toy import THRESHOLDS, ToyJudge
+
+from ..data import to_uint8
+from ..evaluation import SampleOutput, applied_loras, by_bucket, cached_split, image_grid
+from ..flow import FlowMatchingModel
+from ..models import load_kontext
+from .base import toy_base
+
 CHECKS = {"presence": "placed", "appearance": "colour", "vacated": "vacated", "changed": "changed", "preserve": "kept"}
 DEFAULT_SIGMAS = (1.0, 0.9, 0.8, 0.6)
 
@@ -46,13 +54,6 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
     """``{(sigma, shuffled): {group: {check: mean, "n": count}}}`` over ``split`` (``limit`` samples);
     ``shuffled``: the sigmas also probed with rolled instructions. ``grid``: also write a PNG there
     (:func:`write_grid`) with the first ``grid_per_group`` samples of each group."""
-    from judge.toy import ToyJudge
-
-    from ..data import to_uint8
-    from ..evaluation import SampleOutput, applied_loras, cached_split
-    from ..flow import FlowMatchingModel
-    from ..models import load_kontext
-    from ..evaluation import by_bucket
 
     bundle = load_kontext(model_dir)
     entries, dataset = cached_split(bundle, manifest, split, limit=limit, require_target=True, progress=False)
@@ -117,8 +118,6 @@ def write_grid(path, rows: list[list[np.ndarray]], columns: list[str], labels: l
     enlarged ``scale`` times without smoothing; column titles above, each row's label at its left."""
     from PIL import ImageDraw
 
-    from ..evaluation import image_grid
-
     pad, head = 4, 14
     grid = image_grid([[tile.repeat(scale, 0).repeat(scale, 1) for tile in tiles] for tiles in rows], pad=pad)
     cell_w, cell_h = (grid.width - pad) // len(columns) - pad, (grid.height - pad) // len(rows) - pad
@@ -172,7 +171,6 @@ def main(argv=None) -> int:
             p.error(f"sigma {s} is outside [0, 1]")
     model = args.model
     if model is None:
-        from .base import toy_base
 
         model = toy_base()
     manifest = args.manifest or Path(json.loads((model / "dualref.json").read_text())["world"]) / "manifest.jsonl"
@@ -186,7 +184,6 @@ def main(argv=None) -> int:
     print(probe_markdown(result))
     if args.grid:
         print(f"grid of predictions: {args.grid}")
-    from judge.toy import THRESHOLDS
 
     print("ToyJudge passes at " + ", ".join(f"{short} >= {THRESHOLDS[name][0]:g}" for name, short in CHECKS.items())
           + " (placed: presence; colour: appearance; kept: preserve)")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 
-from . import templates
 from judge.toy.scene import OBJECT_COLOURS, PLACES, SHAPES, TEXTURES, background_samples, rgb, shape_box
+
+from . import templates
 from .tasks import Case, choice, make_plan, pick_colour, random_background, scene, shape_element
 
 OPERATIONS = ("recolour", "move", "add", "remove")

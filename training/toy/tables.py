@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from judge.results import TABLE2_COLUMNS
+from judge.toy import ToyJudge
+
+from ..evaluation import sample_split
+from ..files import file_digest, write_json
+from ..models import load_kontext
 
 log = logging.getLogger(__name__)
 
 QUESTIONS = ("fidelity", "consistency", "realism", "reward")
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def summarise(rows: list[tuple[str, dict]]) -> dict:
@@ -59,10 +60,6 @@ def evaluate(model_dir, manifest, out_dir, *, layout: str, split: str = "test", 
             return saved["summary"]
         if "samples" in saved:  # files written before per-sample verdicts were kept are judged again
             return saved["summary"], saved["samples"]
-    from judge.toy import ToyJudge
-
-    from ..evaluation import sample_split
-    from ..models import load_kontext
 
     start = time.perf_counter()
     bundle = bundle() if callable(bundle) else bundle or load_kontext(model_dir)
@@ -77,12 +74,9 @@ def evaluate(model_dir, manifest, out_dir, *, layout: str, split: str = "test", 
         rows.append((o.sample.task, scores))
         per_sample.append({"id": o.sample.id, "task": o.sample.task, **scores})
     summary = summarise(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     # Per-sample verdicts too, so a table can be broken down (by operation, scale, place) afterwards.
-    tmp.write_text(json.dumps({"identity": identity, "summary": summary, "samples": per_sample,
-                               "seconds": round(time.perf_counter() - start, 1)}, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_json(path, {"identity": identity, "summary": summary, "samples": per_sample,
+                      "seconds": round(time.perf_counter() - start, 1)}, sort_keys=True)
     return (summary, per_sample) if with_samples else summary
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from . import templates
 from judge.toy.scene import (
     BACKGROUND_COLOURS,
     FIGURE_COLUMNS,
@@ -36,6 +35,8 @@ from judge.toy.scene import (
     rgb,
     shape_box,
 )
+
+from . import templates
 
 PLAN_VERSION = 1
 CONTRAST = 110.0  # between an element and what lies under or around it

@@ -21,6 +21,8 @@ from PIL import Image
 
 from judge.manifest import SINGLE_TASKS, TASKS, Sample, write_manifest
 from judge.toy.scene import render
+
+from ..files import write_json
 from .single import single_edit
 from .tasks import BUILDERS, PLAN_VERSION, NoChoice
 from .templates import vocabulary
@@ -136,9 +138,7 @@ def generate_world(out_dir, seed: int = 0, train: int = 256, test: int = 64, *, 
     write_manifest(manifest_path, samples)
     info = dict(config, samples=len(samples), seconds=round(time.perf_counter() - start, 3),
                 manifest="manifest.jsonl", vocabulary=vocabulary())
-    tmp = info_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=1, sort_keys=True))
-    tmp.replace(info_path)
+    write_json(info_path, info, sort_keys=True)
     return info
 
 
