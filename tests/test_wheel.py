@@ -6,6 +6,7 @@ Kontext SFT config and the Kontext model configs from its own files.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import subprocess
@@ -14,10 +15,14 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parents[1]
-# What never goes into a build: VCS data, earlier build output, caches, runs.
-IGNORED = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".cache",
-                                 ".pytest_cache", "runs", ".whl", ".gl")
+# Never copied into the build: compiled files and caches inside the package folders.
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".cache", ".pytest_cache")
 # The headless packages whose data files must all ship (the workflow folder belongs to the node UI).
 DATA_PACKAGES = ("training", "judge")
 
@@ -32,9 +37,22 @@ def _data_files(root: Path) -> set[str]:
     return found
 
 
+def _copy_sources(dest: Path) -> None:
+    """What the build reads: pyproject, README, LICENSE and the folders packages.find includes (not a
+    .venv or data lying in the checkout)."""
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, dest / name)
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    include = setuptools["packages"]["find"]["include"]
+    for folder in sorted(p for p in REPO.iterdir() if p.is_dir()):
+        if any(fnmatch.fnmatch(folder.name, pattern) for pattern in include):
+            shutil.copytree(folder, dest / folder.name, ignore=IGNORED)
+
+
 def _build_wheel(tmp: Path) -> Path:
     src = tmp / "src"
-    shutil.copytree(REPO, src, ignore=IGNORED)
+    _copy_sources(src)
     out = tmp / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                     "-q", "-w", str(out), str(src)], check=True, cwd=tmp)
@@ -75,7 +93,7 @@ def test_wheel_installs_with_its_data(tmp_path):
 
     # Every data file of the headless packages is in the wheel, at the same relative path.
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = sorted(_data_files(REPO) - names)
+    missing = sorted(_data_files(tmp_path / "src") - names)
     assert not missing, f"package-data in pyproject.toml misses {missing}"
     assert "training/configs/kontext_sft.json" in names
     assert "training/model_configs/kontext/transformer/config.json" in names
