@@ -1,6 +1,6 @@
 """``python -m training.memory``: exact counts, the activation formula against real runs, the verdicts.
 
-The formula (training/memory_model.py) is checked on small diffusers Flux models with peft LoRA
+The formula (training/memory/model.py) is checked on small diffusers Flux models with peft LoRA
 on CPU: the bytes autograd saves (saved-tensor hooks, deduplicated by storage) must match exactly
 for LoRA runs (fp32; pure bf16; bf16 autocast over fp32 LoRA) and within 2 % for full
 fine-tuning; the whole forward+backward peak (torch profiler, CPU allocator) within 15 %.

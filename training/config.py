@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A diffusers folder (model_index.json), or "toy" for the cached tiny base (training.models.toy_base).
+    # A diffusers folder (model_index.json), or "toy" for the cached tiny base (resolved by the entry points: training.toy.base.resolve_model_path).
     path: str | None = None
     # ComfyUI-style single files, used when ``path`` is not given.
     transformer: str | None = None

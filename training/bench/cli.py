@@ -13,7 +13,7 @@ base on the DualShapes toy world's test split with the toy judge (building both 
 
 A run folder (``--out``, default ``runs/bench/<label>``) holds the outputs (``outputs/<id>.png``),
 the verdicts per judge (``judge/<profile>-<mode>/verdicts.jsonl``), ``table2.md``/``.json`` and
-``report.html``; its layout is described in training/bench_run.py. Rerunning the same command
+``report.html``; its layout is described in training/bench/run_folder.py. Rerunning the same command
 resumes: existing outputs are reused, judged samples are not judged again, and samples that failed
 (generator error, unjudged) are retried. Failures are reported and counted, never scored 0.
 """

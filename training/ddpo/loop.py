@@ -5,7 +5,7 @@
     python -m training.ddpo --config my_ddpo.json --set ddpo.iterations=200
     accelerate launch --num_processes 8 -m training.ddpo --config training/configs/kontext_ddpo.json
 
-(The command line and the stages are in training/pipeline.py.) Read top to bottom, :func:`train_ddpo`
+(The command line and the stages are in training/ddpo/pipeline.py.) Read top to bottom, :func:`train_ddpo`
 does: data (the training tuples from the shared latent/text cache), model (base + frozen SFT LoRA
 merged + a fresh DDPO LoRA), judge, resume, then per iteration:
 

@@ -230,7 +230,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.ddpo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--config", help="JSON or YAML (see training/ddpo_config.py); default: the toy job "
+    p.add_argument("--config", help="JSON or YAML (see training/ddpo/config.py); default: the toy job "
                    f"({TOY_CONFIG.relative_to(Path(__file__).parents[1])})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set ddpo.iterations=50 (repeatable; values are JSON)")

@@ -6,7 +6,7 @@
 
 Steps: (1) generate the world the main job uses (seed 0, 256 train / 64 test per dual task, 64 px;
 see training/configs/toy_ddpo.json "world") under ``<out>/world``; (2) build or reuse the toy base
-(training/toy_base.py, cached under ``$DUALREF_CACHE`` or ~/.cache/dualref); (3) judge the base on
+(training/toy/base.py, cached under ``$DUALREF_CACHE`` or ~/.cache/dualref); (3) judge the base on
 its own held-out single_edit split, then on the five dual tasks' test split with the two references
 fed naively under each layout (the base never saw two references), ToyJudge, deterministic ODE
 sampling; (4) with ``--sft-table``: one LoRA SFT run per layout (training/configs/toy_sft.json with
@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="ToyJudge mode: binary (the paper's yes/no, default) or probability (graded)")
     p.add_argument("--cache-dir", help="toy base cache (default: $DUALREF_CACHE or ~/.cache/dualref)")
     p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a toy base recipe value (training/toy_base.py DEFAULT_RECIPE), e.g. "
+                   help="override a toy base recipe value (training/toy/base.py DEFAULT_RECIPE), e.g. "
                         "--recipe base_steps=20 for a smoke build; the base is then cached under its own name")
     p.add_argument("--sft-table", action="store_true", help="also train one SFT LoRA per layout and print base vs SFT")
     p.add_argument("--sft-config", type=Path, default=DEFAULT_SFT_CONFIG, help="SFT config (default: %(default)s)")

@@ -45,17 +45,8 @@ from .world import ALL_TASKS, WORLD_VERSION, generate_world, make_sample
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3  # 2: the world's block rendering; 3: world v3 vocabulary, warm attention start
-# Sized for a build of about 7 minutes on 2 CPU cores (VAE ~140 s, pretraining ~285 s; it is the first
-# stage of the main job). Query/key norms start at 2 (toy_models.build_components), which cut the
-# held-out loss by a third at equal steps. The VAE is the light [16, 32, 32] config on the world's
-# 2x2-block rendering (what made the old 6000-step VAE necessary was per-pixel detail); the
-# pretraining weights the tokens an edit changes 1 + base_edit_weight times (training/flow.py
-# edit_weights), which teaches the sparse edit itself rather than the copy of the reference. Sigmas
-# are drawn logit-normal shifted by 3 (SD3/FLUX-style): the sampler decides the picture's layout in
-# its first steps (sigma >= 0.88), which plain logit-normal draws ~1 % of the time; unshifted, the
-# base's high-noise predictions ignored image 1 and its samples were speckled (ODE error to the target
-# 0.45 -> 0.30). Measurements: docs/toy_tables.md.
+RECIPE_VERSION = 3  # bumped when the recipe changes what a key would not show; history in docs/recipes.md
+# One build is the first stage of the main job; why each value is what it is: docs/recipes.md.
 DEFAULT_RECIPE = {
     "seed": 0,
     "size": 64,
