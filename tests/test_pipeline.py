@@ -120,3 +120,31 @@ def test_an_unknown_judge_profile_fails_before_any_stage(tmp_path, capsys):
     assert main(["--config", str(config), "--out", str(out), "--quiet"]) == 2
     assert "unknown judge profile 'nope'" in capsys.readouterr().err
     assert not (out / "stages.json").exists()  # no stage ran: not the base, not SFT
+
+
+def test_final_evaluation_runs_on_the_runs_device_in_its_precision(job, tmp_path, monkeypatch):
+    """The main job's Table 2 is sampled with the bundle load_model gives for the run's device and
+    precision (not a CPU fp32 default): here bf16, with the transformer materialised in bf16."""
+    import torch
+
+    from training.ddpo import report
+    from training.ddpo.config import load_ddpo_config
+
+    config, out = job
+    cfg = load_ddpo_config(out / "config.json", ["run.precision=bf16", "eval.limit_per_task=1", "run.progress=false"])
+    cfg.model.path = json.loads((out / "base.json").read_text())["path"]
+    cfg.data.manifest = str(out / "world" / "manifest.jsonl")
+    loaded = []
+
+    def recording_load_model(*args, **kwargs):
+        loaded.append(report_load_model(*args, **kwargs))
+        return loaded[-1]
+
+    report_load_model = report.load_model
+    monkeypatch.setattr(report, "load_model", recording_load_model)
+    summary = report.evaluate_and_report(cfg, tmp_path, out / "dualref_sft.safetensors",
+                                         out / "dualref_ddpo.safetensors", device="cpu")
+    assert list(summary) == ["base", "sft", "sft_ddpo"]
+    (bundle,) = loaded
+    assert bundle.device == torch.device("cpu") and bundle.dtype == torch.bfloat16
+    assert bundle.transformer.dtype == torch.bfloat16
