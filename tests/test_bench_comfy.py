@@ -30,8 +30,8 @@ def manifest(tmp_path) -> Path:
 
 
 def test_comfy_overrides_set_the_standard_nodes_and_bypass_the_lora():
-    from workflows.comfy_errors import WorkflowError
-    from workflows.fill import load_workflow
+    from comfy_queue.comfy_errors import WorkflowError
+    from comfy_queue.fill import load_workflow
 
     graph = load_workflow("animal_scene")
     done = apply_overrides(graph, "animal_scene", model="other.safetensors", layout="offset", steps=3,
@@ -62,7 +62,7 @@ def tiny_host(comfy_host, tmp_path_factory):
 
 @pytest.mark.host
 def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tiny_host, manifest, capsys):
-    from workflows.fill import load_workflow
+    from comfy_queue.fill import load_workflow
 
     samples = [s for s in lines(manifest) if s["task"] == "animal_scene"]
     (manifest.parent / samples[1]["images"][1]).unlink()  # this job fails before any upload

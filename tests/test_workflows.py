@@ -1,7 +1,7 @@
 """The five task workflows (issue 7, item 1): generated files, validity against the real host's
 /object_info, UI/API twins, the template browser's routes, and one API workflow end to end.
 
-The end-to-end run uses the committed ``workflows/api/animal_scene.json`` through the real queue
+The end-to-end run uses the committed ``comfy_queue/api/animal_scene.json`` through the real queue
 client on a real ``main.py --cpu`` with tiny model files of the real formats under the real file
 names (tests/tiny_comfy_models.py). What it changes, all for size only:
 
@@ -14,6 +14,7 @@ names (tests/tiny_comfy_models.py). What it changes, all for size only:
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -22,9 +23,9 @@ from PIL import Image
 
 from comfy_host import PACK_NAME, REPO
 from workflow_checks import BYPASS, SECRET, check_api, check_ui, frontend_widgets, sockets, ui_to_api
-from workflows import build
-from workflows.fill import fill_workflow, load_workflow, nodes_titled
-from workflows.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph
+from comfy_queue import build
+from comfy_queue.fill import fill_workflow, load_workflow, nodes_titled
+from comfy_queue.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph
 
 try:
     from training.manifest import TASKS as MANIFEST_TASKS
@@ -44,7 +45,7 @@ def api(task: str) -> dict:
 def test_committed_workflows_are_what_the_builder_writes():
     stale = [str(p.relative_to(REPO)) for p, text in build.built_files().items()
              if not p.is_file() or p.read_text() != text]
-    assert not stale, f"out of date (run python -m workflows.build): {stale}"
+    assert not stale, f"out of date (run python -m comfy_queue.build): {stale}"
     assert build.main(["--check"]) == 0
 
 
@@ -54,14 +55,22 @@ def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
     assert sorted(p.stem for p in build.API_DIR.glob("*.json")) == sorted(TASKS)
     for task in TASKS:
         thumb = build.thumbnail_path(task)
-        assert thumb.is_file(), f"no thumbnail {thumb.name} (python -m workflows.build --thumbnails)"
+        assert thumb.is_file(), f"no thumbnail {thumb.name} (python -m comfy_queue.build --thumbnails)"
         with Image.open(thumb) as im:
             assert im.format == "JPEG" and im.size[0] == im.size[1] >= 128
 
 
+def test_the_served_template_folder_holds_only_workflows_and_thumbnails():
+    """ComfyUI serves example_workflows/ as static files: no code, no package, nothing but templates."""
+    served = sorted(p.name for p in build.WORKFLOWS_DIR.iterdir())
+    assert served == sorted(f"{t}.{ext}" for t in TASKS for ext in ("json", "jpg")), served
+    assert build.WORKFLOWS_DIR.name == "example_workflows"
+    assert not (REPO / "workflows").exists(), "a second folder ComfyUI would serve as templates"
+
+
 def test_api_twins_follow_the_queue_convention():
     for task in TASKS:
-        graph = load_workflow(task)  # what workflows.queue loads for --task
+        graph = load_workflow(task)  # what python -m comfy_queue loads for --task
         assert [graph[n]["class_type"] for n in nodes_titled(graph, "image 1") + nodes_titled(graph, "image 2")] \
             == ["LoadImage", "LoadImage"]
         assert [graph[n]["class_type"] for n in nodes_titled(graph, "output")] == ["SaveImage"]
@@ -112,7 +121,7 @@ def object_info(comfy_server):
 
 @pytest.mark.host
 def test_node_type_table_matches_the_host(object_info):
-    """workflows/task_graphs.NODE_TYPES (what the builder writes) agrees with every node's /object_info."""
+    """comfy_queue/task_graphs.NODE_TYPES (what the builder writes) agrees with every node's /object_info."""
     for type_name, kind in NODE_TYPES.items():
         if type_name in FRONTEND_ONLY:
             continue
@@ -166,6 +175,16 @@ def test_template_browser_routes_list_and_serve_the_five_ui_workflows(comfy_serv
             assert r.read() == build.thumbnail_path(task).read_bytes()
 
 
+@pytest.mark.host
+@pytest.mark.parametrize("path", ["queue.py", "build.py", "__init__.py", "comfy_queue/queue.py",
+                                  "../comfy_queue/queue.py", "../nodes/lora_apply.py"])
+def test_no_python_is_served_under_the_template_route(comfy_server, path):
+    """The pack's template folder is served as static files: no source of ours may come back."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{path}", timeout=10).close()
+    assert e.value.code in (403, 404), e.value.code
+
+
 # -- end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_host(comfy_host, tmp_path_factory):
@@ -179,7 +198,7 @@ def tiny_host(comfy_host, tmp_path_factory):
 @pytest.mark.host
 def test_api_workflow_runs_end_to_end_on_tiny_models(tiny_host, tmp_path):
     from training.toy.world import make_sample
-    from workflows.queue import queue_job
+    from comfy_queue.queue import queue_job
 
     sample = make_sample("animal_scene", seed=0, index=0, split="test", size=64)
     image_1, image_2 = tmp_path / "scene.png", tmp_path / "animal.png"

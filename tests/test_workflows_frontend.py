@@ -170,7 +170,7 @@ def load(page: DevTools, workflow: dict, name: str) -> dict:
 
 
 def ui_workflow(task: str) -> dict:
-    return json.loads((REPO / "workflows" / f"{task}.json").read_text())
+    return json.loads((REPO / "example_workflows" / f"{task}.json").read_text())
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -183,8 +183,8 @@ def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artif
     cramped = [(n["type"], n["size"], [round(v) for v in n["min"]]) for n in report["nodes"]
                if n["size"][0] + 0.5 < n["min"][0] or n["size"][1] + 0.5 < n["min"][1]]
     assert not cramped, f"{task}: nodes drawn smaller than the frontend's minimum (type, size, min): {cramped}"
-    twin = json.loads((REPO / "workflows" / "api" / f"{task}.json").read_text())
-    assert report["prompt"] == twin, f"{task}: the frontend's own API export differs from workflows/api/{task}.json"
+    twin = json.loads((REPO / "comfy_queue" / "api" / f"{task}.json").read_text())
+    assert report["prompt"] == twin, f"{task}: the frontend's own API export differs from comfy_queue/api/{task}.json"
     tmp, keep = artifacts
     time.sleep(0.5)
     keep(frontend.screenshot(tmp / f"frontend-{task}.png"))

@@ -108,7 +108,7 @@ def tiny_kontext_server(base: Path):
     import shutil
 
     from comfy_host import start_server
-    from workflows.task_graphs import SFT_LORA
+    from comfy_queue.task_graphs import SFT_LORA
 
     models = base / "models"
     fingerprint = write_kontext_models(models, "flux1-kontext-dev.safetensors", "clip_l.safetensors", "ae.safetensors")

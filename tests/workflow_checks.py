@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from workflows.task_graphs import BYPASS, DDPO_LORA, FRONTEND_ONLY, MODEL_FILES
+from comfy_queue.task_graphs import BYPASS, DDPO_LORA, FRONTEND_ONLY, MODEL_FILES
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")

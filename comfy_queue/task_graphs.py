@@ -1,9 +1,9 @@
 """The five task workflows as one graph each: nodes, widget values, links, groups and notes.
 
-``workflows/build.py`` turns each graph into the UI format (``workflows/<task>.json``, what the
-ComfyUI frontend saves; listed in its template browser) and the API format
-(``workflows/api/<task>.json``, what ``workflows.queue`` fills by node title). Edit the graphs here
-and run ``python -m workflows.build``; a test checks the committed JSON equals what it builds.
+``comfy_queue/build.py`` turns each graph into the UI format (``example_workflows/<task>.json``, what
+the ComfyUI frontend saves; listed in its template browser) and the API format
+(``comfy_queue/api/<task>.json``, what ``python -m comfy_queue`` fills by node title). Edit the graphs
+here and run ``python -m comfy_queue.build``; a test checks the committed JSON equals what it builds.
 
 Every graph is the same pipeline on the standard FLUX.1 Kontext-dev loaders::
 
