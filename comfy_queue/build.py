@@ -1,7 +1,7 @@
 """Build the task workflows from ``comfy_queue/task_graphs.py``: UI format, API format, thumbnails.
 
-    python -m comfy_queue.build                # write example_workflows/<task>.json and comfy_queue/api/<task>.json
-    python -m comfy_queue.build --thumbnails   # also example_workflows/<task>.jpg (template browser pictures)
+    python -m comfy_queue.build                # write example_workflows/<title>.json and comfy_queue/api/<task>.json
+    python -m comfy_queue.build --thumbnails   # also example_workflows/<title>.jpg (template browser pictures)
     python -m comfy_queue.build --check        # exit 1, naming the files, when the committed JSON differs
 
 The UI format is what the ComfyUI frontend saves (schema version 0.4: nodes with id/type/pos/size/
@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from .task_graphs import (BYPASS, FRONTEND_ONLY, FRONTEND_WIDGETS, MODEL_FILES, MODEL_URLS, NODE_TYPES, PACK_NODES,
-                          PACK_REGISTRY_ID, TASKS, UPLOAD_LABEL, Graph, Slot, task_graph)
+                          PACK_REGISTRY_ID, TASKS, UPLOAD_LABEL, Graph, Slot, task_graph, template_title)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -30,7 +30,7 @@ SCHEMA_VERSION = 0.4
 
 
 def ui_path(task: str) -> Path:
-    return WORKFLOWS_DIR / f"{task}.json"
+    return WORKFLOWS_DIR / f"{template_title(task)}.json"  # the file name is the template browser's title
 
 
 def api_path(task: str) -> Path:
@@ -38,7 +38,7 @@ def api_path(task: str) -> Path:
 
 
 def thumbnail_path(task: str) -> Path:
-    return WORKFLOWS_DIR / f"{task}.jpg"  # the frontend asks for <template>.jpg next to the .json
+    return WORKFLOWS_DIR / f"{template_title(task)}.jpg"  # the frontend asks for <template>.jpg next to the .json
 
 
 def _numbered_links(graph: Graph) -> list[tuple[int, int, int, int, str, str]]:
@@ -224,6 +224,9 @@ def main(argv=None) -> int:
             print("run: python -m comfy_queue.build", file=sys.stderr)
         return 1 if stale else 0
     API_DIR.mkdir(exist_ok=True)
+    stale = [p for p in WORKFLOWS_DIR.glob("*.json") if p not in files]  # a renamed template's old file
+    for path in stale + [p.with_suffix(".jpg") for p in stale]:
+        path.unlink(missing_ok=True)
     for path, text in files.items():
         path.write_text(text)
         print(path.relative_to(REPO_DIR))

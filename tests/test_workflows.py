@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -25,7 +26,7 @@ from comfy_host import PACK_NAME, REPO
 from workflow_checks import BYPASS, SECRET, check_api, check_ui, frontend_widgets, sockets, ui_to_api
 from comfy_queue import build
 from comfy_queue.fill import fill_workflow, load_workflow, nodes_titled
-from comfy_queue.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph
+from comfy_queue.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph, template_title
 
 try:
     from training.manifest import TASKS as MANIFEST_TASKS
@@ -51,7 +52,7 @@ def test_committed_workflows_are_what_the_builder_writes():
 
 def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
     assert set(TASKS) == set(MANIFEST_TASKS)
-    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(TASKS)
+    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(map(template_title, TASKS))
     assert sorted(p.stem for p in build.API_DIR.glob("*.json")) == sorted(TASKS)
     for task in TASKS:
         thumb = build.thumbnail_path(task)
@@ -63,9 +64,17 @@ def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
 def test_the_served_template_folder_holds_only_workflows_and_thumbnails():
     """ComfyUI serves example_workflows/ as static files: no code, no package, nothing but templates."""
     served = sorted(p.name for p in build.WORKFLOWS_DIR.iterdir())
-    assert served == sorted(f"{t}.{ext}" for t in TASKS for ext in ("json", "jpg")), served
+    assert served == sorted(f"{template_title(t)}.{ext}" for t in TASKS for ext in ("json", "jpg")), served
     assert build.WORKFLOWS_DIR.name == "example_workflows"
     assert not (REPO / "workflows").exists(), "a second folder ComfyUI would serve as templates"
+
+
+def test_templates_have_readable_titles():
+    """The template browser shows an extension template's file name as its title."""
+    titles = [template_title(t) for t in TASKS]
+    assert titles == ["Animal into a scene", "Person into a scene", "Group portrait of two people",
+                      "Style transfer", "Clothing replacement"]
+    assert all(build.ui_path(t).stem == template_title(t) == build.thumbnail_path(t).stem for t in TASKS)
 
 
 def test_api_twins_follow_the_queue_convention():
@@ -168,10 +177,12 @@ def test_ui_workflow_and_api_twin_describe_the_same_graph(object_info, task):
 @pytest.mark.host
 def test_template_browser_routes_list_and_serve_the_five_ui_workflows(comfy_server):
     listed = comfy_server.get_json("/api/workflow_templates")
-    assert sorted(listed.get(PACK_NAME, [])) == sorted(TASKS), listed  # the API twins are not templates
+    titles = sorted(map(template_title, TASKS))
+    assert sorted(listed.get(PACK_NAME, [])) == titles, listed  # the API twins are not templates
     for task in TASKS:
-        assert comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{task}.json") == ui(task)
-        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{task}.jpg") as r:
+        stem = urllib.parse.quote(template_title(task))  # as the browser requests it
+        assert comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{stem}.json") == ui(task)
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{stem}.jpg") as r:
             assert r.read() == build.thumbnail_path(task).read_bytes()
 
 
