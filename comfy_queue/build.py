@@ -19,7 +19,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from .task_graphs import (BYPASS, FRONTEND_ONLY, FRONTEND_WIDGETS, MODEL_FILES, MODEL_URLS, NODE_TYPES, PACK_NODES,
+from .task_graphs import (BYPASS, FRONTEND_EXPORTS, FRONTEND_ONLY, FRONTEND_WIDGETS, MODEL_FILES, MODEL_URLS, NODE_TYPES, PACK_NODES,
                           PACK_REGISTRY_ID, TASKS, UPLOAD_LABEL, Graph, Slot, task_graph, template_title)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -162,6 +162,7 @@ def to_api(graph: Graph) -> dict:
         if skipped:
             raise ValueError(f"{graph.name}: active node {node.id} is fed by bypassed or note nodes {skipped}")
         inputs = {k: v for k, v in node.widgets.items() if k not in FRONTEND_WIDGETS and k not in incoming}
+        inputs.update(FRONTEND_EXPORTS.get(node.type, {}))
         inputs.update(incoming)
         out[str(node.id)] = {"inputs": inputs, "class_type": node.type,
                              "_meta": {"title": node.title or NODE_TYPES[node.type].display}}

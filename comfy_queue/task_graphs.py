@@ -13,8 +13,10 @@ Every graph is the same pipeline on the standard FLUX.1 Kontext-dev loaders::
 
 The templates run zero-shot as shipped: no DualRef LoRA has been released, so ``sft_lora`` is None and
 the layout is ``offset``, the one stock Kontext reads (see ``zero_shot_note``). The model files are the
-ones ComfyUI's own Kontext template names, with the same download URLs. The two Load Image nodes start
-empty (the user uploads their own pictures; nothing is copied into ComfyUI's input folder). Only the
+ones ComfyUI's own Kontext template names, with the same download URLs. The two Load Image nodes name
+``example.png``, the picture ComfyUI's own install puts in its ``input/`` folder (its default workflow
+loads it), so a template opens with no missing picture and queues as it is; nothing of ours is copied
+into the user's folders, and the notes ask the user to upload their own pictures. Only the
 instruction, the output canvas and the notes differ per task.
 """
 from __future__ import annotations
@@ -111,6 +113,10 @@ NODE_TYPES = {
 }
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # drawn by the frontend, never sent to the server
 FRONTEND_WIDGETS = {"control_after_generate", "upload"}  # widget values the API format leaves out
+# Inputs the frontend adds to a node's queued prompt beyond its /object_info inputs (its PreviewAny
+# extension draws a text box and a mode toggle and sends both); the server ignores them.
+FRONTEND_EXPORTS = {"PreviewAny": {"preview": "", "previewMode": False}}
+EXAMPLE_IMAGE = "example.png"  # the picture every ComfyUI install has in input/ (its default workflow loads it)
 UPLOAD_LABEL = "choose file to upload"  # how the frontend names LoadImage's upload button
 PACK_NODES = {"DualReferenceLoader", "DiagonalPositionPatch", "DualLoRAApply", "VLMJudge"}
 PACK_REGISTRY_ID = "dualref"  # pyproject [project].name: how the frontend/Manager name the pack
@@ -237,8 +243,9 @@ def zero_shot_note() -> str:
 def task_note(task: Task) -> str:
     return (
         f"## DualRef: {task.label.lower()}\n\n"
-        f"1. **image 1**: {task.role_1}; **image 2**: {task.role_2}. Both Load Image nodes start empty: "
-        "upload your pictures there (choose file to upload, or drop a file on the node).\n"
+        f"1. **image 1**: {task.role_1}; **image 2**: {task.role_2}. Both Load Image nodes start on "
+        f"ComfyUI's own `{EXAMPLE_IMAGE}`: upload your pictures there (choose file to upload, or drop a file "
+        "on the node).\n"
         "2. Write the edit in **instruction**; refer to the pictures as *image 1* and *image 2*.\n"
         f"3. Queue. {task.tips}\n\n"
         "Dual Reference Loader scales each picture to about 1 megapixel, keeping its own aspect ratio; its "
@@ -272,9 +279,9 @@ def task_graph(name: str) -> Graph:
         Node(5, "DualLoRAApply", (20, 710), (320, 178),
              {"sft_lora": NO_LORA, "sft_strength": 1.0, "ddpo_lora": NO_LORA, "ddpo_strength": 1.0,
               "on_mismatch": "error"}),
-        Node(6, "LoadImage", (400, 80), (300, 340), {"image": "", "upload": "image"}, title="image 1",
+        Node(6, "LoadImage", (400, 80), (300, 340), {"image": EXAMPLE_IMAGE, "upload": "image"}, title="image 1",
              color=INPUT_COLOR),
-        Node(7, "LoadImage", (720, 80), (300, 340), {"image": "", "upload": "image"}, title="image 2",
+        Node(7, "LoadImage", (720, 80), (300, 340), {"image": EXAMPLE_IMAGE, "upload": "image"}, title="image 2",
              color=INPUT_COLOR),
         Node(8, "PrimitiveStringMultiline", (400, 460), (620, 150), {"value": task.instruction},
              title="instruction", color=INSTRUCTION_COLOR),
@@ -291,9 +298,9 @@ def task_graph(name: str) -> Graph:
         Node(16, "VLMJudge", (1470, 730), (320, 246),
              {"instruction": "", "profile": NO_JUDGE_PROFILE, "plan": ""}, mode=BYPASS),
         Node(17, "PreviewAny", (1810, 730), (440, 246), mode=BYPASS),
-        Node(18, "MarkdownNote", (-620, 30), (600, 560), {"text": models_note()}, title="Model files",
+        Node(18, "MarkdownNote", (-560, 30), (540, 560), {"text": models_note()}, title="Model files",
              color=NOTE_COLOR),
-        Node(19, "MarkdownNote", (-620, 640), (600, 340), {"text": task_note(task)}, title="How to use",
+        Node(19, "MarkdownNote", (-560, 640), (540, 380), {"text": task_note(task)}, title="How to use",
              color=NOTE_COLOR),
         Node(20, "MarkdownNote", (1080, 730), (330, 246), {"text": judge_note()}, title="About the judge",
              color=NOTE_COLOR),

@@ -175,6 +175,11 @@ LOAD_JS = """
     dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText),
     nodes: app.graph.nodes.map(n => ({id: n.id, type: n.type, size: [...n.size], min: [...n.computeSize()]})),
     flagged: app.graph.nodes.filter(n => n.has_errors).map(n => n.id),
+    images: app.graph.nodes.filter(n => n.type === 'LoadImage').map(n => {
+      const w = n.widgets.find(w => w.name === 'image');
+      const values = typeof w.options.values === 'function' ? w.options.values() : w.options.values;
+      return [w.value, values.includes(w.value)];
+    }),
     prompt: (await app.graphToPrompt()).output,
   };
 })
@@ -197,6 +202,8 @@ def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artif
     assert report["dialogs"] == [], f"{task}: the frontend opened a dialog on load: {report['dialogs']}"
     assert sorted(n["id"] for n in report["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
     assert report["flagged"] == [], f"{task}: nodes drawn red on load: {report['flagged']}"
+    # A fresh install has the picture the Load Image nodes name: nothing shows as missing.
+    assert report["images"] == [["example.png", True]] * 2, f"{task}: Load Image values: {report['images']}"
     cramped = [(n["type"], n["size"], [round(v) for v in n["min"]]) for n in report["nodes"]
                if n["size"][0] + 0.5 < n["min"][0] or n["size"][1] + 0.5 < n["min"][1]]
     assert not cramped, f"{task}: nodes drawn smaller than the frontend's minimum (type, size, min): {cramped}"
