@@ -305,7 +305,6 @@ def task_graph(name: str) -> Graph:
         Node(20, "MarkdownNote", (1080, 730), (330, 246), {"text": judge_note()}, title="About the judge",
              color=NOTE_COLOR),
         Node(21, "PreviewAny", (1470, 470), (320, 150), title="sizes and tokens"),
-        Node(22, "PreviewAny", (20, 930), (320, 150), title="LoRA report"),
     ]
     links = [
         (1, 0, 4, "model"), (4, 0, 5, "model"), (5, 0, 13, "model"),
@@ -314,11 +313,11 @@ def task_graph(name: str) -> Graph:
         (10, 0, 11, "conditioning"), (11, 0, 13, "positive"), (9, 0, 12, "conditioning"), (12, 0, 13, "negative"),
         (10, 1, 13, "latent_image"), (13, 0, 14, "samples"), (3, 0, 14, "vae"), (14, 0, 15, "images"),
         (14, 0, 16, "images"), (6, 0, 16, "image_1"), (7, 0, 16, "image_2"), (8, 0, 16, "instruction"),
-        (16, 1, 17, "source"), (10, 2, 21, "source"), (5, 1, 22, "source"),
+        (16, 1, 17, "source"), (10, 2, 21, "source"),
     ]
     groups = [
         ("1  Models", (0, 0, 360, 450), "#88A"),
-        ("2  Dual-reference model", (0, 470, 360, 630), "#8A8"),
+        ("2  Dual-reference model", (0, 470, 360, 450), "#8A8"),
         ("3  References and instruction", (380, 0, 660, 640), "#b58b2a"),
         ("4  Conditioning", (1060, 0, 370, 640), "#8AA"),
         ("5  Sample and save", (1450, 0, 820, 640), "#3f789e"),

@@ -222,6 +222,13 @@ def pictures(tmp_path, task: str):
     return paths
 
 
+def show_lora_report(workflow: dict) -> str:
+    """Add a Preview as Text on DualLoRAApply's report output, as a user would; returns its node id."""
+    (lora,) = [i for i, n in workflow.items() if n["class_type"] == "DualLoRAApply"]
+    workflow["99"] = {"inputs": {"source": [lora, 1]}, "class_type": "PreviewAny", "_meta": {"title": "LoRA report"}}
+    return "99"
+
+
 def run_tiny(tiny_host, tmp_path, workflow: dict, task: str, seed: int = 7):
     """Queue a workflow (shrunk for the CPU) through the real queue client; returns the image's pixels,
     the prompt ComfyUI ran (embedded by SaveImage) and the text outputs of the run by node id."""
@@ -248,6 +255,7 @@ def test_every_api_workflow_runs_as_shipped_with_no_lora_file(tiny_host, tmp_pat
     """The zero-shot path: the bundled API workflow, with no LoRA anywhere, makes an image."""
     assert list((tiny_host.base / "models" / "loras").iterdir()) == []
     workflow = load_workflow(task)
+    report = show_lora_report(workflow)
     by_title = {n["_meta"]["title"]: i for i, n in workflow.items()}
     pixels, queued, texts = run_tiny(tiny_host, tmp_path, workflow, task)
     assert pixels.std() > 1.0, "the decoded image is flat"
@@ -258,8 +266,8 @@ def test_every_api_workflow_runs_as_shipped_with_no_lora_file(tiny_host, tmp_pat
     by_type = {n["class_type"]: n["inputs"] for n in queued.values()}
     assert by_type["DualLoRAApply"]["sft_lora"] == "None" and by_type["DiagonalPositionPatch"]["method"] == "offset"
     assert by_type["UNETLoader"]["unet_name"] == "flux1-dev-kontext_fp8_scaled.safetensors"
-    assert "passes through unchanged (zero-shot)" in texts[by_title["LoRA report"]]
     assert "image tokens per step: 40 (3.3x a plain Flux image" in texts[by_title["sizes and tokens"]]
+    assert "passes through unchanged (zero-shot)" in texts[report]
 
 
 @pytest.mark.host
@@ -272,7 +280,7 @@ def test_a_dualref_lora_on_the_fp8_scaled_kontext(tiny_host, tmp_path):
     tiny_comfy_models.write_dualref_lora(lora, tiny_host.fingerprint)
     try:
         workflow = load_workflow("animal_scene")
-        by_title = {n["_meta"]["title"]: i for i, n in workflow.items()}
+        report_id = show_lora_report(workflow)
         next(n for n in workflow.values() if n["class_type"] == "DualLoRAApply")["inputs"]["sft_lora"] = SFT_LORA
         next(n for n in workflow.values() if n["class_type"] == "DiagonalPositionPatch")["inputs"]["method"] = \
             "diagonal"
@@ -280,7 +288,7 @@ def test_a_dualref_lora_on_the_fp8_scaled_kontext(tiny_host, tmp_path):
     finally:
         lora.unlink()
     assert pixels.std() > 1.0, "the decoded image is flat"
-    report = texts[by_title["LoRA report"]]
+    report = texts[report_id]
     assert f"sft: {SFT_LORA} at strength 1, 4 modules" in report, report
     # The fingerprint hashes embedders and norms, which fp8-scaled files keep in bf16: checked and matched.
     assert "warning" not in report, report
