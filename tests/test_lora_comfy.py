@@ -272,6 +272,8 @@ def test_node_schema_lists_loras_and_documents_every_socket(comfy_model, nodes_)
     assert inputs["sft_lora"][1]["options"][0] == "None" and inputs["sft_lora"][1]["default"] == "None"
     assert "'offset'" in inputs["sft_lora"][1]["tooltip"] and "zero-shot" in inputs["sft_lora"][1]["tooltip"]
     assert info["output_name"] == ["MODEL", "report"]
+    patch = nodes_[0].GET_NODE_INFO_V1()["input"]["required"]["method"][1]["tooltip"]
+    assert "Without a DualRef LoRA (zero-shot) use offset" in patch
     assert inputs["ddpo_lora"][1]["options"][0] == "None" and inputs["ddpo_lora"][1]["default"] == "None"
     assert all(spec[1].get("tooltip") for name, spec in inputs.items() if name != "model") and inputs["model"][1]["tooltip"]
     assert all(info["output_tooltips"]) and len(info["output_tooltips"]) == 2
