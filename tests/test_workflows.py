@@ -147,6 +147,28 @@ def test_node_type_table_matches_the_host(object_info):
         assert kind.display == (spec.get("display_name") or type_name), type_name
 
 
+def _loaders(nodes) -> dict:
+    """loader type -> (widget values, properties.models) of a UI workflow's (or subgraph's) nodes."""
+    kinds = ("UNETLoader", "DualCLIPLoader", "VAELoader")
+    return {n["type"]: (n["widgets_values"], n["properties"].get("models")) for n in nodes if n["type"] in kinds}
+
+
+@pytest.mark.host
+def test_templates_name_the_files_of_comfyuis_own_kontext_template(comfy_host):
+    """Users who followed ComfyUI's Kontext tutorial have its files: same names, same download URLs
+    in each loader's properties.models (read from the installed comfyui-workflow-templates)."""
+    import importlib.resources
+
+    media = pytest.importorskip("comfyui_workflow_templates_media_image",
+                                reason="ComfyUI's templates package (a requirement of ComfyUI) is not installed")
+    core = json.loads((importlib.resources.files(media) / "templates" / "flux_kontext_dev_basic.json").read_text())
+    theirs = _loaders([n for g in core.get("definitions", {}).get("subgraphs", []) for n in g["nodes"]] + core["nodes"])
+    assert set(theirs) == {"UNETLoader", "DualCLIPLoader", "VAELoader"}, theirs
+    for task in TASKS:
+        ours = _loaders(ui(task)["nodes"])
+        assert ours == theirs, f"{task}: loaders differ from ComfyUI's own Kontext template"
+
+
 @pytest.mark.host
 @pytest.mark.parametrize("task", TASKS)
 def test_every_node_input_widget_and_link_is_valid_on_the_host(object_info, task):
