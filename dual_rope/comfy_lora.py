@@ -241,6 +241,9 @@ def apply_dual_loras(model_patcher, loras, on_mismatch: str = "error"):
                 patched = apply_position_patch(patched, settings.method, new)
                 report.append(f"learned gates {list(meta.gates)} applied: reference strengths now "
                               + ", ".join(f"{s:.3g}" for s in new))
-    if not active:
+    if not checks:
+        report.append("no LoRA selected: the patched base model passes through unchanged (zero-shot); "
+                      "put a DualRef LoRA in models/loras and select it in sft_lora to use one")
+    elif not active:
         report.append("no LoRA applied (all strengths 0)")
     return (patched if patched is not model_patcher else model_patcher.clone()), report

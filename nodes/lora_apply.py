@@ -7,6 +7,12 @@ from comfy_api.latest import io
 from dual_rope.comfy_lora import POLICIES, apply_dual_loras
 
 NONE = "None"
+ZERO_SHOT = (
+    "Without a LoRA (sft_lora None, the zero-shot path) stock Kontext reads two references best with "
+    "DiagonalPositionPatch's 'offset' layout: it packs both references side by side at one RoPE index, "
+    "like the stitched image stock Kontext already understands (ComfyUI PR #9356). With a DualRef LoRA use "
+    "the layout it was trained with ('diagonal' for the paper's); this node checks it."
+)
 
 
 def lora_path(name: str) -> str | None:
@@ -42,12 +48,14 @@ class DualLoRAApply(io.ComfyNode):
                 "Applies a DualRef SFT LoRA and, optionally, a DDPO LoRA trained on top of it, with ComfyUI's own "
                 "LoRA loader. Each file's metadata is checked against the model: the layout it was trained with "
                 "must be the DiagonalPositionPatch method on the model, and its base-model fingerprint must match. "
-                "Learned per-reference gates stored in the LoRA scale the patch's reference strengths."
+                "Learned per-reference gates stored in the LoRA scale the patch's reference strengths. "
+                + ZERO_SHOT
             ),
             inputs=[
                 io.Model.Input("model", tooltip="FLUX.1 Kontext-dev model, after DiagonalPositionPatch."),
-                io.Combo.Input("sft_lora", options=loras, tooltip=(
-                    "The dual-reference LoRA from `python -m training.sft` (a .safetensors file in models/loras).")),
+                io.Combo.Input("sft_lora", options=[NONE] + loras, default=NONE, tooltip=(
+                    "The dual-reference LoRA from `python -m training.sft` (a .safetensors file in models/loras), "
+                    "or None: the patched base model passes through unchanged. " + ZERO_SHOT)),
                 strength_input("sft_strength", "SFT"),
                 io.Combo.Input("ddpo_lora", options=[NONE] + loras, default=NONE, tooltip=(
                     "Optional judge-aligned LoRA from `python -m training.ddpo`, trained on top of the SFT LoRA; "
@@ -59,7 +67,9 @@ class DualLoRAApply(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="A copy of the model with the LoRAs applied; the input model is unchanged."),
-                io.String.Output(tooltip="What was applied and checked: files, strengths, learned gates, warnings."),
+                io.String.Output("report", display_name="report", tooltip=(
+                    "What was applied and checked: files, strengths, learned gates, warnings; with no LoRA "
+                    "selected, that the model passed through unchanged (zero-shot).")),
             ],
         )
 
@@ -68,7 +78,7 @@ class DualLoRAApply(io.ComfyNode):
         return file_stamp(sft_lora), file_stamp(ddpo_lora)
 
     @classmethod
-    def execute(cls, model, sft_lora, sft_strength, ddpo_lora=NONE, ddpo_strength=1.0,
+    def execute(cls, model, sft_lora=NONE, sft_strength=1.0, ddpo_lora=NONE, ddpo_strength=1.0,
                 on_mismatch="error") -> io.NodeOutput:
         loras = [("sft", sft_lora, lora_path(sft_lora), sft_strength),
                  ("ddpo", ddpo_lora, lora_path(ddpo_lora), ddpo_strength)]

@@ -8,7 +8,10 @@ METHOD_HELP = (
     "diagonal (default, the paper's): reference 1 exactly as native Kontext, reference 2 starts past "
     "reference 1's bottom-right corner, so no two references share a row or a column; "
     "offset: ComfyUI's default mosaic at index 1; index: reference k at RoPE index k; "
-    "uxo: UNO's diagonal at index 0 past the output canvas."
+    "uxo: UNO's diagonal at index 0 past the output canvas. "
+    "Without a DualRef LoRA (zero-shot) use offset: it places the two references side by side like the "
+    "stitched picture stock Kontext already reads (ComfyUI PR #9356). With a LoRA use the layout it was "
+    "trained with (diagonal for the paper's); Dual LoRA Apply checks it."
 )
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from comfy_api.latest import io
 
+from ..dual_rope.packing import token_grid
+
 log = logging.getLogger(__name__)
 
 MULTIPLE = 16  # pixels: Flux latents are 1/8 of the image and tokens 2x2 latents
@@ -90,6 +92,27 @@ def canvas_latent(canvas: str, latents: list[torch.Tensor], width: int, height: 
     return {"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())}
 
 
+def image_tokens(latent: torch.Tensor) -> int:
+    """Image tokens the transformer sees for one latent (B, C, H, W): 2x2 latent patches."""
+    rows, cols = token_grid(tuple(latent.shape[-2:]))
+    return rows * cols
+
+
+def size_report(latents: list[torch.Tensor], canvas: torch.Tensor, ratio: int) -> str:
+    """What the run will cost in image tokens: each reference, the canvas, the total and its multiple
+    of a plain Flux run on the same canvas (e.g. two 1 MP references + a 1 MP canvas: 12288 = 3x)."""
+    def line(name: str, latent: torch.Tensor) -> str:
+        h, w = latent.shape[-2:]
+        return f"{name}: {w * ratio}x{h * ratio} px, {image_tokens(latent)} tokens"
+
+    canvas_tokens = image_tokens(canvas)
+    total = canvas_tokens + sum(image_tokens(x) for x in latents)
+    lines = [line(f"reference {k}", x) for k, x in enumerate(latents, start=1)] + [line("output canvas", canvas)]
+    lines.append(f"image tokens per step: {total} ({total / canvas_tokens:.1f}x a plain Flux image of the canvas's "
+                 "size; attention time grows faster than the token count). Lower megapixels to go faster.")
+    return "\n".join(lines)
+
+
 class DualReferenceLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -128,6 +151,10 @@ class DualReferenceLoader(io.ComfyNode):
                     "(reference 1 first).")),
                 io.Latent.Output(display_name="latent", tooltip=(
                     "Empty latent for the output canvas; its batch is the larger image batch.")),
+                io.String.Output("report", display_name="report", tooltip=(
+                    "Each reference's and the canvas's size in pixels and image tokens, and the total per "
+                    "sampling step: two 1 MP references and a 1 MP canvas are ~12k tokens, 3x plain Flux, "
+                    "which is why a dual-reference run is slower.")),
             ],
         )
 
@@ -148,4 +175,6 @@ class DualReferenceLoader(io.ComfyNode):
         ratio = vae.downscale_ratio if isinstance(getattr(vae, "downscale_ratio", None), int) else 8
         latent = canvas_latent(canvas, latents, width, height, batch, ratio)
         conditioning = node_helpers.conditioning_set_values(conditioning, {"reference_latents": latents}, append=True)
-        return io.NodeOutput(conditioning, latent)
+        report = size_report(latents, latent["samples"], ratio)
+        log.info("DualReferenceLoader:\n%s", report)
+        return io.NodeOutput(conditioning, latent, report)

@@ -23,6 +23,17 @@ from judge.verdict import QUESTIONS, JudgeRequest, Unjudged
 
 log = logging.getLogger(__name__)
 
+NO_PROFILE = "none configured (see tooltip)"  # the only choice until judges.json names an endpoint
+CONFIG_HELP = (
+    "Judge profiles live on the ComfyUI server, never in a workflow: put them in "
+    "ComfyUI/user/__dualref/judges.json (or the file $DUALREF_JUDGE_CONFIG names, or "
+    "~/.config/dualref/judges.json), starting from judge/judges.example.json in the DualRef folder; each "
+    "profile gives an endpoint URL, a model and the NAME of the environment variable holding the key. "
+    "Then refresh the page and pick the profile here."
+)
+_UNREACHABLE = ("ConnectionError", "Failed to establish", "Max retries exceeded", "Timeout", "timed out",
+                "Connection refused")
+
 _LOCK = threading.Lock()
 _JUDGES: dict[str, tuple] = {}  # profile name -> (config signature, judge, pool); reused across runs
 
@@ -41,12 +52,44 @@ def _config_signature():
 
 
 def profile_names() -> list[str]:
+    """Profiles an artist can use: endpoints from the server's config. The built-in ``toy`` judge is
+    left out (it only works on toy-world images that carry a plan); with nothing configured the one
+    choice is :data:`NO_PROFILE`."""
     try:
-        names = sorted(load_profiles(config_dir=_config_dir()))
+        profiles = load_profiles(config_dir=_config_dir())
     except ProfileError as e:
         log.error("DualRef judge config: %s", e)
-        names = ["toy"]
-    return sorted(names, key=lambda n: n == "toy")  # configured endpoints first, the toy judge last
+        return [NO_PROFILE]
+    names = sorted(n for n, p in profiles.items() if p.kind != "toy"
+                   and not (p.kind == "ensemble" and all(profiles[m].kind == "toy" for m in p.members)))
+    return names or [NO_PROFILE]
+
+
+def _failure_message(profile: str, failed: dict, total: int) -> str:
+    """A node error a user can act on: what the endpoint said, and the fix for the usual causes."""
+    reasons = [r.reason for r in failed.values()]
+    text = " ".join(reasons)
+    try:
+        settings = load_profiles(config_dir=_config_dir()).get(profile)
+    except ProfileError:
+        settings = None
+    url = getattr(settings, "base_url", None) or "the profile's base_url"
+    key = f"${settings.api_key_env}" if settings is not None and settings.api_key_env else "its key variable"
+    if "HTTP 401" in text or "HTTP 403" in text:
+        fix = (f"the endpoint refused the key: set {key} on the ComfyUI server to a valid key for {url} "
+               "and restart ComfyUI")
+    elif "HTTP 429" in text:
+        fix = (f"the endpoint's rate limit was hit: wait a minute and queue again, or lower 'rpm' or "
+               f"'concurrency' of profile {profile!r} in judges.json")
+    elif any(marker in text for marker in _UNREACHABLE):
+        fix = (f"the endpoint {url} could not be reached: check that it is running and that base_url in "
+               "judges.json is right, then queue again")
+    else:
+        fix = "queue again to retry; answers already received are cached"
+    first = f"image {next(iter(failed))}: {reasons[0]}"
+    first = first if len(first) <= 240 else first[:237] + "..."
+    return (f"VLMJudge: profile {profile!r} could not judge {len(failed)} of {total} images, so nothing was "
+            f"scored: {fix}. (First failure: {first})")
 
 
 def _pool_for(profile: str) -> JudgePool:
@@ -130,9 +173,11 @@ class VLMJudge(io.ComfyNode):
                 io.String.Input("instruction", multiline=True, default="",
                                 tooltip="The editing instruction the outputs were made from, e.g. 'put the dog from image 2 into the park of image 1'."),
                 io.Combo.Input("profile", options=names, default=names[0],
-                               tooltip="Judge profile from the server's judges.json (URL, model, key variable, limits). 'toy' is the toy world's programmatic judge and needs a plan."),
+                               tooltip="Judge profile by name (URL, model, key variable and limits stay on the server). "
+                                       + CONFIG_HELP),
                 io.String.Input("plan", multiline=True, default="", optional=True,
-                                tooltip="Optional JSON edit plan; only the toy world's programmatic judge uses it."),
+                                tooltip="Optional JSON edit plan; only the toy world's programmatic judge "
+                                        "(headless, `python -m judge --profile toy`) uses it."),
             ],
             outputs=[
                 io.Float.Output("scores", is_output_list=True, tooltip="Reward per image (mean of the three answers, 0-1), in batch order."),
@@ -147,6 +192,8 @@ class VLMJudge(io.ComfyNode):
     def execute(cls, images, image_1, image_2, instruction, profile, plan="") -> io.NodeOutput:
         if not instruction or not instruction.strip():
             raise ValueError("VLMJudge: the instruction is empty; connect or type the editing instruction")
+        if profile == NO_PROFILE:
+            raise ValueError(f"VLMJudge: no judge profile is configured. {CONFIG_HELP}")
         plan_dict = _plan(plan)
         pool = _pool_for(profile)
         requests = [
@@ -156,11 +203,7 @@ class VLMJudge(io.ComfyNode):
         results = _judge_batch(pool, requests)
         failed = {i: r for i, r in enumerate(results) if isinstance(r, Unjudged)}
         if failed:
-            reasons = "; ".join(f"image {i}: {r.reason}" for i, r in failed.items())
-            raise RuntimeError(
-                f"VLMJudge: profile {profile!r} could not judge {len(failed)} of {len(results)} images, so "
-                f"nothing was scored ({reasons}). Answers already received are cached; queue again to retry."
-            )
+            raise RuntimeError(_failure_message(profile, failed, len(results)))
         rewards = [v.reward for v in results]
         best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
         verdict_text = "\n\n".join(

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,6 +110,9 @@ def start_server(extra_args=(), base: Path | None = None, env: dict | None = Non
             link.symlink_to(REPO, target_is_directory=True)
         for sub in ("input", "output", "temp", "user", "models"):
             (base / sub).mkdir(exist_ok=True)
+        example = path / "input" / "example.png"  # what a fresh ComfyUI install has in input/
+        if example.is_file() and not (base / "input" / example.name).exists():
+            shutil.copyfile(example, base / "input" / example.name)
         port = free_port()
         log = Path(tmp) / "host.log"
         cmd = [

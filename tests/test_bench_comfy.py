@@ -31,8 +31,8 @@ def manifest(tmp_path) -> Path:
 
 
 def test_comfy_overrides_set_the_standard_nodes_and_bypass_the_lora():
-    from workflows.comfy_errors import WorkflowError
-    from workflows.fill import load_workflow
+    from comfy_queue.comfy_errors import WorkflowError
+    from comfy_queue.fill import load_workflow
 
     graph = load_workflow("animal_scene")
     done = apply_overrides(graph, "animal_scene", model="other.safetensors", layout="offset", steps=3,
@@ -63,24 +63,22 @@ def tiny_host(comfy_host, tmp_path_factory):
 
 @pytest.mark.host
 def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tiny_host, manifest, capsys):
-    from workflows.fill import load_workflow
+    from comfy_queue.fill import load_workflow
+    from comfy_queue.task_graphs import SFT_LORA
+    from tiny_comfy_models import shrink_for_cpu
 
     samples = [s for s in lines(manifest) if s["task"] == "animal_scene"]
     (manifest.parent / samples[1]["images"][1]).unlink()  # this job fails before any upload
     workflows = tmp_path / "workflows"
     workflows.mkdir()
-    graph = load_workflow("animal_scene")  # the tiny-model substitutions of test_workflows.py
-    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
-    graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
-                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
-    next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
+    graph = shrink_for_cpu(load_workflow("animal_scene"), steps=None)  # the tiny-model substitutions
     (workflows / "animal_scene.json").write_text(json.dumps(graph))
     out = tmp_path / "run"
     argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
             str(manifest), "--tasks", "animal_scene", "--steps", "2", "--layout", "offset", "--seed", "5",
             "--out", str(out), "--timeout", "600", "-q"]
-    # The workflow's SFT LoRA was trained with the diagonal layout: the host's DualLoRAApply refuses.
-    assert main(argv) == 0
+    # The host's SFT LoRA was trained with the diagonal layout: its DualLoRAApply refuses it under offset.
+    assert main(argv + ["--lora", SFT_LORA]) == 0
     assert "outputs: 0 generated, 0 reused, 2 generator errors" in capsys.readouterr().out
     errors = json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["generator_errors"]
     assert "trained with the 'diagonal' layout but the model is patched with 'offset'" in errors[samples[0]["id"]]

@@ -32,7 +32,9 @@ def test_server_lists_nodes_with_tooltips_and_descriptions(comfy_server):
             assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
         assert len(node["output_tooltips"]) == len(node["output"])
         assert all(node["output_tooltips"]), f"{name} has an output without a tooltip"
-    assert info["DualReferenceLoader"]["output"] == ["CONDITIONING", "LATENT"]
+    assert info["DualReferenceLoader"]["output"] == ["CONDITIONING", "LATENT", "STRING"]
+    assert info["DualReferenceLoader"]["output_name"] == ["conditioning", "latent", "report"]
+    assert info["DualLoRAApply"]["output_name"] == ["MODEL", "report"]
     assert info["DiagonalPositionPatch"]["output"] == ["MODEL"]
     assert info["DiagonalPositionPatch"]["input"]["required"]["method"][1]["default"] == "diagonal"
 

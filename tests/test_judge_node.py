@@ -61,7 +61,7 @@ def test_schema_offers_profiles_by_name_only(node_module, pack, tmp_path, monkey
     assert info["output_is_list"] == [True, False, False, False, False]
     assert schema.category == "DualRef/Judge" and schema.description
     profile = next(i for i in schema.inputs if i.id == "profile")
-    assert profile.options == ["loop", "toy"]
+    assert profile.options == ["loop"]  # the toy judge needs toy images with plans: not offered to artists
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     ids = {i.id for i in schema.inputs}
     assert not ids & {"url", "base_url", "api_key", "key", "endpoint"}
@@ -135,5 +135,57 @@ def test_config_lives_in_a_folder_comfyui_never_serves(node_module, tmp_path, mo
     folder.mkdir(parents=True)
     (folder / "judges.json").write_text(json.dumps({"profiles": {"house-vlm": {
         "base_url": "https://vlm.example.org/v1", "model": "m", "api_key_env": "HOUSE_VLM_KEY"}}}))
-    assert node_module.profile_names() == ["house-vlm", "toy"]
+    assert node_module.profile_names() == ["house-vlm"]
     assert folder_paths.get_public_user_directory("__dualref") is None  # not reachable through /userdata
+
+
+def test_with_no_profile_the_node_lists_none_and_says_where_the_config_goes(node_module, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.delenv("DUALREF_JUDGE_CONFIG", raising=False)
+    monkeypatch.delenv("DUALREF_JUDGE_URL", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path / "user"))
+    schema = node_module.VLMJudge.define_schema()
+    profile = next(i for i in schema.inputs if i.id == "profile")
+    assert profile.options == [node_module.NO_PROFILE] and "toy" not in profile.options
+    assert "ComfyUI/user/__dualref/judges.json" in profile.tooltip
+    with pytest.raises(ValueError, match=r"no judge profile is configured.*ComfyUI/user/__dualref/judges\.json"):
+        node_module.VLMJudge.execute(batch([0]), batch([1]), batch([2]), "x", node_module.NO_PROFILE)
+
+
+def _endpoint_error(node_module, tmp_path, monkeypatch, script=None, url=None):
+    tmp_path.mkdir()
+    server = serve(tmp_path, monkeypatch, script or (lambda call: Reply.answer("Yes")))
+    try:
+        if url is not None:  # the profile points at a port nobody listens on
+            path = tmp_path / "judges.json"
+            config = json.loads(path.read_text())
+            config["profiles"]["loop"]["base_url"] = url
+            path.write_text(json.dumps(config))
+        with pytest.raises(RuntimeError) as e:
+            node_module.VLMJudge.execute(batch([0]), batch([1]), batch([2]), "x", "loop")
+    finally:
+        server.stop()
+        for _, _, pool in node_module._JUDGES.values():
+            pool.close(close_judge=True)
+        node_module._JUDGES.clear()
+    message = str(e.value)
+    assert message.startswith("VLMJudge: profile 'loop' could not judge 1 of 1 images") and len(message) < 800
+    assert "sk-node-test" not in message and "Traceback" not in message
+    return message
+
+
+def test_endpoint_errors_are_readable_node_errors(node_module, tmp_path, monkeypatch):
+    """A real endpoint's 401, rate limit and absence each name the cause and the fix."""
+    from comfy_host import free_port
+
+    message = _endpoint_error(node_module, tmp_path / "401", monkeypatch,
+                              lambda call: Reply.error(401, "Incorrect API key provided"))
+    assert "refused the key: set $DUALREF_NODE_TEST_KEY on the ComfyUI server" in message
+    message = _endpoint_error(node_module, tmp_path / "429", monkeypatch,
+                              lambda call: Reply.error(429, "Rate limit reached", headers={"Retry-After": "0"}))
+    assert "rate limit was hit" in message and "'rpm'" in message
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    message = _endpoint_error(node_module, tmp_path / "down", monkeypatch, url=url)
+    assert f"the endpoint {url} could not be reached" in message

@@ -212,6 +212,18 @@ def test_strength_zero_is_the_patched_base_exactly(reference, comfy_model, nodes
     assert torch.equal(velocity(zero, inputs), velocity(base_model, inputs))
 
 
+def test_no_lora_is_the_zero_shot_path_and_the_report_says_so(reference, comfy_model, nodes_, inputs):
+    """sft_lora None (the templates' default, no LoRA released yet): the patched base passes through."""
+    base_model = patched(nodes_, comfy_model, method="offset")
+    model, report = apply(nodes_, base_model, sft="None")
+    assert "no LoRA selected: the patched base model passes through unchanged (zero-shot)" in report
+    assert model is not base_model and not model.patches
+    assert torch.equal(velocity(model, inputs), velocity(base_model, inputs))
+    # A DDPO LoRA without its SFT LoRA is still applied, with a warning to select the SFT one.
+    _, report = apply(nodes_, patched(nodes_, comfy_model), sft="None", ddpo="dual_ddpo.safetensors")
+    assert "ddpo: dual_ddpo.safetensors" in report and "select that SFT LoRA too" in report
+
+
 def test_layout_and_base_mismatches_say_how_to_fix(reference, comfy_model, nodes_, pack):
     comfy_lora = importlib.import_module(f"{pack.__name__}.dual_rope.comfy_lora")
     diagonal = patched(nodes_, comfy_model)
@@ -257,6 +269,11 @@ def test_node_schema_lists_loras_and_documents_every_socket(comfy_model, nodes_)
     assert info["category"] == "DualRef/LoRA" and info["description"]
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
     assert "dual_sft.safetensors" in inputs["sft_lora"][1]["options"]  # the models/loras folder
+    assert inputs["sft_lora"][1]["options"][0] == "None" and inputs["sft_lora"][1]["default"] == "None"
+    assert "'offset'" in inputs["sft_lora"][1]["tooltip"] and "zero-shot" in inputs["sft_lora"][1]["tooltip"]
+    assert info["output_name"] == ["MODEL", "report"]
+    patch = nodes_[0].GET_NODE_INFO_V1()["input"]["required"]["method"][1]["tooltip"]
+    assert "Without a DualRef LoRA (zero-shot) use offset" in patch
     assert inputs["ddpo_lora"][1]["options"][0] == "None" and inputs["ddpo_lora"][1]["default"] == "None"
     assert all(spec[1].get("tooltip") for name, spec in inputs.items() if name != "model") and inputs["model"][1]["tooltip"]
     assert all(info["output_tooltips"]) and len(info["output_tooltips"]) == 2

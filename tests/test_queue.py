@@ -17,16 +17,9 @@ import pytest
 from PIL import Image
 
 from comfy_host import REPO, free_port
-from workflows.comfy_errors import (
-    ComfyError,
-    ExecutionFailed,
-    MissingNodes,
-    ServerUnavailable,
-    ValidationFailed,
-    WorkflowError,
-)
-from workflows.fill import check_node_types, fill_workflow, load_workflow, pack_node_ids
-from workflows.queue import Job, queue_job, read_jobs, run_batch
+from comfy_queue.comfy_errors import ComfyError, ExecutionFailed, MissingNodes, ServerUnavailable, ValidationFailed, WorkflowError
+from comfy_queue.fill import check_node_types, fill_workflow, load_workflow, pack_node_ids
+from comfy_queue.queue import Job, queue_job, read_jobs, run_batch
 
 PASTE_GRAPH = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "unset.png"}, "_meta": {"title": "image 1"}},
@@ -151,7 +144,7 @@ def test_cli_server_down_exits_2_with_the_reason(pair, tmp_path):
     wf.write_text(json.dumps(PASTE_GRAPH))
     url = dead_url()
     run = subprocess.run(
-        [sys.executable, "-m", "workflows.queue", "--server", url, "--workflow", str(wf), "--image1", str(pair[0]),
+        [sys.executable, "-m", "comfy_queue", "--server", url, "--workflow", str(wf), "--image1", str(pair[0]),
          "--image2", str(pair[1]), "--instruction", "x", "--out", str(tmp_path / "o"), "-q"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
@@ -235,7 +228,7 @@ def test_cli_single_job_and_batch(comfy_server, pair, tmp_path):
     wf.write_text(json.dumps(PASTE_GRAPH))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run(
-        [sys.executable, "-m", "workflows.queue", "--server", comfy_server.url, "--workflow", str(wf),
+        [sys.executable, "-m", "comfy_queue", "--server", comfy_server.url, "--workflow", str(wf),
          "--image1", str(scene_path), "--image2", str(subject_path), "--instruction", "cli job", "--seed", "4",
          "--out", str(tmp_path / "single"), "-q"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
@@ -248,7 +241,7 @@ def test_cli_single_job_and_batch(comfy_server, pair, tmp_path):
     batch.write_text("".join(json.dumps({"id": f"j{x}", "images": [str(scene_path), str(subject_path)],
                                          "instruction": f"cli batch {x}", "seed": x}) + "\n" for x in (2, 6)))
     run = subprocess.run(
-        [sys.executable, "-m", "workflows.queue", "--server", comfy_server.url, "--server",
+        [sys.executable, "-m", "comfy_queue", "--server", comfy_server.url, "--server",
          f"http://localhost:{comfy_server.port}", "--workflow", str(wf), "--batch", str(batch),
          "--out", str(tmp_path / "batch"), "-q"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env,

@@ -58,7 +58,7 @@ def test_conditioning_carries_both_references_in_order(loader, vae):
     first, second = images(1, 40, 56, seed=3), images(1, 56, 40, seed=4)  # snap to 48x64, 64x48
     earlier = torch.ones(1, 16, 2, 2)
     conditioning = [[torch.zeros(1, 4, 8), {"pooled_output": torch.zeros(1, 8), "reference_latents": [earlier]}]]
-    out, latent = run(loader, vae, first, second, conditioning, megapixels=0.0)
+    out, latent, _ = run(loader, vae, first, second, conditioning, megapixels=0.0)
     refs = out[0][1]["reference_latents"]
     assert len(refs) == 3 and refs[0] is earlier  # appended after what was there, like ReferenceLatent
     with torch.inference_mode():
@@ -74,14 +74,14 @@ def test_conditioning_carries_both_references_in_order(loader, vae):
 def test_canvas_choices(loader, vae):
     first, second = images(1, 32, 64, seed=5), images(2, 64, 32, seed=6)
     options = dict(megapixels=0.0)
-    _, latent = run(loader, vae, first, second, canvas="reference 2", **options)
+    _, latent, _ = run(loader, vae, first, second, canvas="reference 2", **options)
     assert latent["samples"].shape == (2, 16, 8, 4)  # batch of the larger image batch
-    _, latent = run(loader, vae, first, second, canvas="custom", width=100, height=40, **options)
+    _, latent, _ = run(loader, vae, first, second, canvas="custom", width=100, height=40, **options)
     assert latent["samples"].shape == (2, 16, 6, 12)  # 96 x 48 px after snapping to 16
 
 
 def test_pixel_budget_scales_each_reference(loader, vae):
-    out, _ = run(loader, vae, images(1, 64, 128, seed=7), images(1, 128, 128, seed=8), megapixels=0.002)
+    out, _, _ = run(loader, vae, images(1, 64, 128, seed=7), images(1, 128, 128, seed=8), megapixels=0.002)
     r1, r2 = out[0][1]["reference_latents"]
     assert r1.shape[-2:] == (4, 8) and r2.shape[-2:] == (6, 6)  # 32x64 px and 48x48 px, aspect kept
 
@@ -96,3 +96,22 @@ def test_bad_inputs_are_named(loader, vae):
         run(loader, vae, images(2, 32, 32, 1), images(3, 32, 32, 2))
     with pytest.raises(ValueError, match="needs a VAE"):
         run(loader, None, good, good)
+
+
+def test_report_gives_sizes_and_image_tokens(loader, vae):
+    """Why a dual-reference run is slow: two references + the canvas, in pixels and tokens."""
+    _, latent, report = run(loader, vae, images(1, 64, 128, seed=7), images(1, 96, 96, seed=8), megapixels=0.0,
+                            canvas="custom", width=64, height=64)
+    lines = report.splitlines()
+    assert lines[0] == "reference 1: 128x64 px, 32 tokens"  # 16x8 latent -> 8x4 tokens of 2x2 patches
+    assert lines[1] == "reference 2: 96x96 px, 36 tokens"
+    assert lines[2] == "output canvas: 64x64 px, 16 tokens"
+    assert lines[3].startswith("image tokens per step: 84 (5.2x a plain Flux image")
+
+
+def test_one_megapixel_everywhere_is_three_times_plain_flux(loader):
+    """The README's figure: two 1 MP references + a 1 MP canvas = 3 x 4096 = 12288 image tokens."""
+    one_mp = torch.zeros(1, 16, 128, 128)  # 1024x1024 px at the FLUX VAE's 8x
+    report = loader.size_report([one_mp, one_mp], one_mp, 8)
+    assert "reference 1: 1024x1024 px, 4096 tokens" in report
+    assert "image tokens per step: 12288 (3.0x a plain Flux image" in report

@@ -1,19 +1,23 @@
 """The five task workflows (issue 7, item 1): generated files, validity against the real host's
-/object_info, UI/API twins, the template browser's routes, and one API workflow end to end.
+/object_info, UI/API twins, the template browser's routes, and every API workflow end to end.
 
-The end-to-end run uses the committed ``workflows/api/animal_scene.json`` through the real queue
-client on a real ``main.py --cpu`` with tiny model files of the real formats under the real file
-names (tests/tiny_comfy_models.py). What it changes, all for size only:
+The end-to-end runs queue the committed ``comfy_queue/api/<task>.json`` through the real queue client
+on a real ``main.py --cpu`` with tiny model files of the real formats under the real file names
+(tests/tiny_comfy_models.py; the transformer fp8-scaled like flux1-dev-kontext_fp8_scaled) and an
+empty ``models/loras``. What they change, all for size only (``tiny_comfy_models.shrink_for_cpu``):
 
 - ``DualCLIPLoader`` (CLIP-L + T5-XXL; ComfyUI always builds the full 4.7B T5-XXL for type flux)
   becomes ``CLIPLoader`` on a random full-size CLIP-L, same node id and title; the transformer's
   text width is CLIP-L's 768 to match;
-- ``megapixels`` 1.0 -> 0 (the 64 px toy images keep their size instead of growing to 1024 px);
+- ``megapixels`` 1.0 -> 0 (the 64 px pictures keep their size instead of growing to 1024 px), and a
+  custom canvas 64x48;
 - ``steps`` 28 -> 4 (a 0.5B transformer step takes ~3 s on two cores).
 """
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -22,9 +26,9 @@ from PIL import Image
 
 from comfy_host import PACK_NAME, REPO
 from workflow_checks import BYPASS, SECRET, check_api, check_ui, frontend_widgets, sockets, ui_to_api
-from workflows import build
-from workflows.fill import fill_workflow, load_workflow, nodes_titled
-from workflows.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASKS, task_graph
+from comfy_queue import build
+from comfy_queue.fill import fill_workflow, load_workflow, nodes_titled
+from comfy_queue.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASK_SPECS, TASKS, task_graph, template_title
 
 try:
     from judge.manifest import TASKS as MANIFEST_TASKS
@@ -44,24 +48,40 @@ def api(task: str) -> dict:
 def test_committed_workflows_are_what_the_builder_writes():
     stale = [str(p.relative_to(REPO)) for p, text in build.built_files().items()
              if not p.is_file() or p.read_text() != text]
-    assert not stale, f"out of date (run python -m workflows.build): {stale}"
+    assert not stale, f"out of date (run python -m comfy_queue.build): {stale}"
     assert build.main(["--check"]) == 0
 
 
 def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
     assert set(TASKS) == set(MANIFEST_TASKS)
-    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(TASKS)
+    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(map(template_title, TASKS))
     assert sorted(p.stem for p in build.API_DIR.glob("*.json")) == sorted(TASKS)
     for task in TASKS:
         thumb = build.thumbnail_path(task)
-        assert thumb.is_file(), f"no thumbnail {thumb.name} (python -m workflows.build --thumbnails)"
+        assert thumb.is_file(), f"no thumbnail {thumb.name} (python -m comfy_queue.build --thumbnails)"
         with Image.open(thumb) as im:
             assert im.format == "JPEG" and im.size[0] == im.size[1] >= 128
 
 
+def test_the_served_template_folder_holds_only_workflows_and_thumbnails():
+    """ComfyUI serves example_workflows/ as static files: no code, no package, nothing but templates."""
+    served = sorted(p.name for p in build.WORKFLOWS_DIR.iterdir())
+    assert served == sorted(f"{template_title(t)}.{ext}" for t in TASKS for ext in ("json", "jpg")), served
+    assert build.WORKFLOWS_DIR.name == "example_workflows"
+    assert not (REPO / "workflows").exists(), "a second folder ComfyUI would serve as templates"
+
+
+def test_templates_have_readable_titles():
+    """The template browser shows an extension template's file name as its title."""
+    titles = [template_title(t) for t in TASKS]
+    assert titles == ["Animal into a scene", "Person into a scene", "Group portrait of two people",
+                      "Style transfer", "Clothing replacement"]
+    assert all(build.ui_path(t).stem == template_title(t) == build.thumbnail_path(t).stem for t in TASKS)
+
+
 def test_api_twins_follow_the_queue_convention():
     for task in TASKS:
-        graph = load_workflow(task)  # what workflows.queue loads for --task
+        graph = load_workflow(task)  # what python -m comfy_queue loads for --task
         assert [graph[n]["class_type"] for n in nodes_titled(graph, "image 1") + nodes_titled(graph, "image 2")] \
             == ["LoadImage", "LoadImage"]
         assert [graph[n]["class_type"] for n in nodes_titled(graph, "output")] == ["SaveImage"]
@@ -112,7 +132,7 @@ def object_info(comfy_server):
 
 @pytest.mark.host
 def test_node_type_table_matches_the_host(object_info):
-    """workflows/task_graphs.NODE_TYPES (what the builder writes) agrees with every node's /object_info."""
+    """comfy_queue/task_graphs.NODE_TYPES (what the builder writes) agrees with every node's /object_info."""
     for type_name, kind in NODE_TYPES.items():
         if type_name in FRONTEND_ONLY:
             continue
@@ -125,6 +145,28 @@ def test_node_type_table_matches_the_host(object_info):
         assert [s.type for s in kind.outputs] == spec["output"], type_name
         assert [s.is_list for s in kind.outputs] == spec["output_is_list"], type_name
         assert kind.display == (spec.get("display_name") or type_name), type_name
+
+
+def _loaders(nodes) -> dict:
+    """loader type -> (widget values, properties.models) of a UI workflow's (or subgraph's) nodes."""
+    kinds = ("UNETLoader", "DualCLIPLoader", "VAELoader")
+    return {n["type"]: (n["widgets_values"], n["properties"].get("models")) for n in nodes if n["type"] in kinds}
+
+
+@pytest.mark.host
+def test_templates_name_the_files_of_comfyuis_own_kontext_template(comfy_host):
+    """Users who followed ComfyUI's Kontext tutorial have its files: same names, same download URLs
+    in each loader's properties.models (read from the installed comfyui-workflow-templates)."""
+    import importlib.resources
+
+    media = pytest.importorskip("comfyui_workflow_templates_media_image",
+                                reason="ComfyUI's templates package (a requirement of ComfyUI) is not installed")
+    core = json.loads((importlib.resources.files(media) / "templates" / "flux_kontext_dev_basic.json").read_text())
+    theirs = _loaders([n for g in core.get("definitions", {}).get("subgraphs", []) for n in g["nodes"]] + core["nodes"])
+    assert set(theirs) == {"UNETLoader", "DualCLIPLoader", "VAELoader"}, theirs
+    for task in TASKS:
+        ours = _loaders(ui(task)["nodes"])
+        assert ours == theirs, f"{task}: loaders differ from ComfyUI's own Kontext template"
 
 
 @pytest.mark.host
@@ -159,54 +201,118 @@ def test_ui_workflow_and_api_twin_describe_the_same_graph(object_info, task):
 @pytest.mark.host
 def test_template_browser_routes_list_and_serve_the_five_ui_workflows(comfy_server):
     listed = comfy_server.get_json("/api/workflow_templates")
-    assert sorted(listed.get(PACK_NAME, [])) == sorted(TASKS), listed  # the API twins are not templates
+    titles = sorted(map(template_title, TASKS))
+    assert sorted(listed.get(PACK_NAME, [])) == titles, listed  # the API twins are not templates
     for task in TASKS:
-        assert comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{task}.json") == ui(task)
-        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{task}.jpg") as r:
+        stem = urllib.parse.quote(template_title(task))  # as the browser requests it
+        assert comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{stem}.json") == ui(task)
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{stem}.jpg") as r:
             assert r.read() == build.thumbnail_path(task).read_bytes()
 
 
-# -- end to end ---------------------------------------------------------------------------------
+@pytest.mark.host
+@pytest.mark.parametrize("path", ["queue.py", "build.py", "__init__.py", "comfy_queue/queue.py",
+                                  "../comfy_queue/queue.py", "../nodes/lora_apply.py"])
+def test_no_python_is_served_under_the_template_route(comfy_server, path):
+    """The pack's template folder is served as static files: no source of ours may come back."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{path}", timeout=10).close()
+    assert e.value.code in (403, 404), e.value.code
+
+
+# -- end to end ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_host(comfy_host, tmp_path_factory):
-    """A host whose models/ holds tiny files under the workflows' own file names."""
+    """A host whose models/ holds tiny files under the workflows' own file names, the transformer in
+    ComfyUI's fp8-scaled format (as flux1-dev-kontext_fp8_scaled is), and an empty models/loras."""
     import tiny_comfy_models
 
-    with tiny_comfy_models.tiny_kontext_server(tmp_path_factory.mktemp("tiny-host")) as server:
+    with tiny_comfy_models.tiny_kontext_server(tmp_path_factory.mktemp("tiny-host"), lora=False, fp8=True) as server:
         yield server
 
 
-@pytest.mark.host
-def test_api_workflow_runs_end_to_end_on_tiny_models(tiny_host, tmp_path):
-    from training.toy.world import make_sample
-    from workflows.queue import queue_job
+def pictures(tmp_path, task: str):
+    """Two small RGB pictures with some structure (the output takes image 1's 64x48)."""
+    rng = np.random.default_rng(sum(map(ord, task)))
+    paths = []
+    for k, (h, w) in enumerate([(48, 64), (64, 64)], start=1):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1) % 256
+        base[h // 4: h // 2, w // 4: w // 2] = rng.integers(0, 256, 3)
+        paths.append(tmp_path / f"{task}-{k}.png")
+        Image.fromarray(base.astype(np.uint8)).save(paths[-1])
+    return paths
 
-    sample = make_sample("animal_scene", seed=0, index=0, split="test", size=64)
-    image_1, image_2 = tmp_path / "scene.png", tmp_path / "animal.png"
-    Image.fromarray(sample.refs[0]).resize((64, 48)).save(image_1)  # landscape: the output keeps image 1's size
-    Image.fromarray(sample.refs[1]).save(image_2)
-    workflow = load_workflow("animal_scene")
-    (clip,) = [i for i, n in workflow.items() if n["class_type"] == "DualCLIPLoader"]
-    workflow[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
-                      "class_type": "CLIPLoader", "_meta": workflow[clip]["_meta"]}
-    (loader,) = [i for i, n in workflow.items() if n["class_type"] == "DualReferenceLoader"]
-    workflow[loader]["inputs"]["megapixels"] = 0.0
-    (sampler,) = [i for i, n in workflow.items() if n["class_type"] == "KSampler"]
-    workflow[sampler]["inputs"]["steps"] = 4
+
+def show_lora_report(workflow: dict) -> str:
+    """Add a Preview as Text on DualLoRAApply's report output, as a user would; returns its node id."""
+    (lora,) = [i for i, n in workflow.items() if n["class_type"] == "DualLoRAApply"]
+    workflow["99"] = {"inputs": {"source": [lora, 1]}, "class_type": "PreviewAny", "_meta": {"title": "LoRA report"}}
+    return "99"
+
+
+def run_tiny(tiny_host, tmp_path, workflow: dict, task: str, seed: int = 7):
+    """Queue a workflow (shrunk for the CPU) through the real queue client; returns the image's pixels,
+    the prompt ComfyUI ran (embedded by SaveImage) and the text outputs of the run by node id."""
+    from comfy_queue.queue import queue_job
+    from tiny_comfy_models import shrink_for_cpu
+
+    workflow = shrink_for_cpu(workflow)
     assert check_api("tiny", workflow, tiny_host.get_json("/object_info"), files=set()) == []  # files listed now
-
-    paths = queue_job(tiny_host.url, workflow, [image_1, image_2], sample.instruction, seed=7,
+    paths = queue_job(tiny_host.url, workflow, pictures(tmp_path, task), TASK_SPECS[task].instruction, seed=seed,
                       out_dir=tmp_path / "out", timeout=600)
     assert len(paths) == 1 and paths[0].suffix == ".png", paths
     with Image.open(paths[0]) as im:
         assert im.size == (64, 48)
         pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
-        queued = json.loads(im.info["prompt"])  # SaveImage embeds the prompt it ran
+        queued = json.loads(im.info["prompt"])
+    (entry,) = tiny_host.get_json("/history?max_items=1").values()
+    texts = {node: out["text"][0] for node, out in entry["outputs"].items() if "text" in out}
+    return pixels, queued, texts
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("task", TASKS)
+def test_every_api_workflow_runs_as_shipped_with_no_lora_file(tiny_host, tmp_path, task):
+    """The zero-shot path: the bundled API workflow, with no LoRA anywhere, makes an image."""
+    assert list((tiny_host.base / "models" / "loras").iterdir()) == []
+    workflow = load_workflow(task)
+    report = show_lora_report(workflow)
+    by_title = {n["_meta"]["title"]: i for i, n in workflow.items()}
+    pixels, queued, texts = run_tiny(tiny_host, tmp_path, workflow, task)
     assert pixels.std() > 1.0, "the decoded image is flat"
-    assert queued[sampler]["inputs"]["seed"] == 7 and queued[sampler]["inputs"]["steps"] == 4
-    text = next(n for n in queued.values() if n["_meta"]["title"] == "instruction")
-    assert text["inputs"]["value"] == sample.instruction
-    assert {n["class_type"] for n in queued.values()} >= {"DualReferenceLoader", "DiagonalPositionPatch",
-                                                          "DualLoRAApply", "KSampler", "SaveImage"}
+    sampler = next(n for n in queued.values() if n["class_type"] == "KSampler")["inputs"]
+    assert sampler["seed"] == 7 and sampler["steps"] == 4
+    assert next(n for n in queued.values() if n["_meta"]["title"] == "instruction")["inputs"]["value"] == \
+        TASK_SPECS[task].instruction
+    by_type = {n["class_type"]: n["inputs"] for n in queued.values()}
+    assert by_type["DualLoRAApply"]["sft_lora"] == "None" and by_type["DiagonalPositionPatch"]["method"] == "offset"
+    assert by_type["UNETLoader"]["unet_name"] == "flux1-dev-kontext_fp8_scaled.safetensors"
+    assert "image tokens per step: 40 (3.3x a plain Flux image" in texts[by_title["sizes and tokens"]]
+    assert "passes through unchanged (zero-shot)" in texts[report]
+
+
+@pytest.mark.host
+def test_a_dualref_lora_on_the_fp8_scaled_kontext(tiny_host, tmp_path):
+    """DiagonalPositionPatch and DualLoRAApply on the fp8-scaled transformer, with a LoRA selected."""
+    import tiny_comfy_models
+    from comfy_queue.task_graphs import SFT_LORA
+
+    lora = tiny_host.base / "models" / "loras" / SFT_LORA
+    tiny_comfy_models.write_dualref_lora(lora, tiny_host.fingerprint)
+    try:
+        workflow = load_workflow("animal_scene")
+        report_id = show_lora_report(workflow)
+        next(n for n in workflow.values() if n["class_type"] == "DualLoRAApply")["inputs"]["sft_lora"] = SFT_LORA
+        next(n for n in workflow.values() if n["class_type"] == "DiagonalPositionPatch")["inputs"]["method"] = \
+            "diagonal"
+        pixels, _, texts = run_tiny(tiny_host, tmp_path, workflow, "animal_scene")
+    finally:
+        lora.unlink()
+    assert pixels.std() > 1.0, "the decoded image is flat"
+    report = texts[report_id]
+    assert f"sft: {SFT_LORA} at strength 1, 4 modules" in report, report
+    # The fingerprint hashes embedders and norms, which fp8-scaled files keep in bf16: checked and matched.
+    assert "warning" not in report, report
     log = tiny_host.log_text()
     assert "lora key not loaded" not in log, log[-3000:]  # every LoRA module landed on the transformer

@@ -1,14 +1,17 @@
 """The five UI workflows in the real ComfyUI frontend, in headless Chromium.
 
-The host serves its installed frontend (comfyui-frontend-package); Chromium is driven over the
-Chrome DevTools Protocol with websocket-client (no browser download, no Playwright). Each workflow is
-loaded with the frontend's own ``app.loadGraphData``; the test asserts that every node type is
-registered, that no missing-node dialog opens (a planted unknown node shows that the check can fail),
-that the frontend's own API export (``app.graphToPrompt``) equals the committed API twin, that no
-node is drawn smaller than the frontend's minimum size, and that the template browser shows the
-five templates under the pack. Screenshots land in the pytest tmp dir and in ``$DUALREF_ARTIFACTS``
-when set. Needs Debian's ``chromium`` (``apt-get install -y chromium``) or ``$DUALREF_CHROMIUM``; skips,
-saying so, without it.
+The host (tiny models under the templates' file names, no LoRA) serves its installed frontend
+(comfyui-frontend-package); Chromium is driven over the Chrome DevTools Protocol with
+websocket-client (no browser download, no Playwright). Each workflow is loaded with the frontend's
+own ``app.loadGraphData``; the test asserts that every node type is registered, that no missing-node
+dialog opens (a planted unknown node shows that the check can fail) and no node is drawn red, that
+the frontend's own API export (``app.graphToPrompt``) equals the committed API twin, that no node is
+drawn smaller than the frontend's minimum size, and that the template browser shows the five
+templates under the pack. One template is then run end to end the way a user does it: pictures
+uploaded, picked in the Load Image nodes, queued with the frontend's own ``app.queuePrompt``, and the
+edit appears in the Save Image node. Screenshots land in the pytest tmp dir and in
+``$DUALREF_ARTIFACTS`` when set. Needs Debian's ``chromium`` (``apt-get update && apt-get install -y
+chromium``) or ``$DUALREF_CHROMIUM``; skips, saying so, without it.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from comfy_host import PACK_NAME, REPO
+from comfy_host import PACK_NAME
+from comfy_queue import build
+from comfy_queue.task_graphs import TASKS, template_title
 
 websocket = pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
 
-TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
 # $DUALREF_CHROMIUM picks another Chromium/Chrome binary (or, pointing nowhere, skips this module).
 _CANDIDATES = ([os.environ["DUALREF_CHROMIUM"]] if os.environ.get("DUALREF_CHROMIUM")
                else [shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"])
@@ -114,10 +118,21 @@ def _post_setting(server, key: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def frontend(comfy_server, tmp_path_factory):
+def tiny_server(comfy_host, tmp_path_factory):
+    """The host with tiny models under the templates' file names (fp8-scaled transformer, no LoRA),
+    so a template queued in the browser really runs."""
+    import tiny_comfy_models
+
+    with tiny_comfy_models.tiny_kontext_server(tmp_path_factory.mktemp("tiny-host"), lora=False, fp8=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def frontend(tiny_server, tmp_path_factory):
     """The frontend of the test host, loaded in Chromium and ready (our nodes registered)."""
+    comfy_server = tiny_server
     _post_setting(comfy_server, "Comfy.TutorialCompleted", True)  # no first-run template dialog over the graph
-    # The test host has no model files; that dialog is not what this checks (missing nodes are).
+    # The tiny host has no T5-XXL file; that dialog is not what this checks (missing nodes are).
     _post_setting(comfy_server, "Comfy.Workflow.ShowMissingModelsWarning", False)
     with chromium(tmp_path_factory.mktemp("chromium-profile")) as page:
         page.call("Page.navigate", url=comfy_server.url)
@@ -159,6 +174,12 @@ LOAD_JS = """
     missing: workflow.nodes.map(n => n.type).filter(t => !(t in registered)),
     dialogs: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText),
     nodes: app.graph.nodes.map(n => ({id: n.id, type: n.type, size: [...n.size], min: [...n.computeSize()]})),
+    flagged: app.graph.nodes.filter(n => n.has_errors).map(n => n.id),
+    images: app.graph.nodes.filter(n => n.type === 'LoadImage').map(n => {
+      const w = n.widgets.find(w => w.name === 'image');
+      const values = typeof w.options.values === 'function' ? w.options.values() : w.options.values;
+      return [w.value, values.includes(w.value)];
+    }),
     prompt: (await app.graphToPrompt()).output,
   };
 })
@@ -170,7 +191,7 @@ def load(page: DevTools, workflow: dict, name: str) -> dict:
 
 
 def ui_workflow(task: str) -> dict:
-    return json.loads((REPO / "workflows" / f"{task}.json").read_text())
+    return json.loads(build.ui_path(task).read_text())
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -180,11 +201,14 @@ def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artif
     assert report["missing"] == [], f"{task}: node types the frontend does not know: {report['missing']}"
     assert report["dialogs"] == [], f"{task}: the frontend opened a dialog on load: {report['dialogs']}"
     assert sorted(n["id"] for n in report["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
+    assert report["flagged"] == [], f"{task}: nodes drawn red on load: {report['flagged']}"
+    # A fresh install has the picture the Load Image nodes name: nothing shows as missing.
+    assert report["images"] == [["example.png", True]] * 2, f"{task}: Load Image values: {report['images']}"
     cramped = [(n["type"], n["size"], [round(v) for v in n["min"]]) for n in report["nodes"]
                if n["size"][0] + 0.5 < n["min"][0] or n["size"][1] + 0.5 < n["min"][1]]
     assert not cramped, f"{task}: nodes drawn smaller than the frontend's minimum (type, size, min): {cramped}"
-    twin = json.loads((REPO / "workflows" / "api" / f"{task}.json").read_text())
-    assert report["prompt"] == twin, f"{task}: the frontend's own API export differs from workflows/api/{task}.json"
+    twin = json.loads(build.api_path(task).read_text())
+    assert report["prompt"] == twin, f"{task}: the frontend's own API export differs from comfy_queue/api/{task}.json"
     tmp, keep = artifacts
     time.sleep(0.5)
     keep(frontend.screenshot(tmp / f"frontend-{task}.png"))
@@ -238,15 +262,16 @@ BROWSER_JS = """
 def test_template_browser_shows_the_five_workflows_and_opens_one(frontend, artifacts):
     """The user's path: open the template browser, pick the pack's category, see five cards with
     thumbnails, click one, and get its graph."""
-    result = frontend.js(f"{BROWSER_JS}({json.dumps(PACK_NAME)}, {json.dumps(list(TASKS))})")
+    titles = [template_title(task) for task in TASKS]  # the file names, which the browser shows as titles
+    result = frontend.js(f"{BROWSER_JS}({json.dumps(PACK_NAME)}, {json.dumps(titles)})")
     assert "error" not in result, result
-    for task in TASKS:
-        assert task in result["text"], f"template {task} is not shown:\n{result['text'][:2000]}"
-    assert result["thumbnails"] == {task: 228 for task in TASKS}, f"thumbnails (pixel widths): {result['thumbnails']}"
+    for title in titles:
+        assert title in result["text"], f"template {title!r} is not shown:\n{result['text'][:2000]}"
+    assert result["thumbnails"] == {title: 228 for title in titles}, f"thumbnails (pixel widths): {result['thumbnails']}"
     tmp, keep = artifacts
     keep(frontend.screenshot(tmp / "frontend-template-browser.png"))
     opened = frontend.js("""(async () => {
-      window.__dualrefCardOf('style_transfer').click();
+      window.__dualrefCardOf('Style transfer').click();
       for (let i = 0; i < 60 && document.querySelector('.p-dialog'); i++) await new Promise(r => setTimeout(r, 500));
       const dialog = document.querySelector('.p-dialog');
       return {open: dialog ? dialog.innerText.slice(0, 500) : null, types: app.graph.nodes.map(n => n.type),
@@ -256,3 +281,82 @@ def test_template_browser_shows_the_five_workflows_and_opens_one(frontend, artif
     assert opened["open"] is None, f"a dialog stayed open after clicking a template: {opened['open']}"
     assert sorted(opened["types"]) == sorted(n["type"] for n in expected["nodes"])
     assert opened["instruction"].startswith("Repaint the photo in image 1")
+
+
+QUEUE_JS = """
+(async (images, instruction) => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const byTitle = t => app.graph.nodes.find(n => n.title === t);
+  const widget = (node, name) => node.widgets.find(w => w.name === name);
+  // For size only (as tests/tiny_comfy_models.shrink_for_cpu): CLIP-L alone instead of CLIP-L + T5-XXL,
+  // pictures at their own size, 4 steps.
+  const dual = app.graph.nodes.find(n => n.type === 'DualCLIPLoader');
+  const encoder = app.graph.nodes.find(n => n.type === 'CLIPTextEncode');
+  const clip = LiteGraph.createNode('CLIPLoader');
+  clip.pos = [...dual.pos];
+  app.graph.add(clip);
+  widget(clip, 'clip_name').value = 'clip_l.safetensors';
+  widget(clip, 'type').value = 'stable_diffusion';
+  clip.connect(0, encoder, encoder.inputs.findIndex(i => i.name === 'clip'));
+  app.graph.remove(dual);
+  widget(app.graph.nodes.find(n => n.type === 'DualReferenceLoader'), 'megapixels').value = 0;
+  const sampler = app.graph.nodes.find(n => n.type === 'KSampler');
+  widget(sampler, 'steps').value = 4;
+  // What a user does: pick the two uploaded pictures and write the instruction.
+  widget(byTitle('image 1'), 'image').value = images[0];
+  widget(byTitle('image 2'), 'image').value = images[1];
+  widget(byTitle('instruction'), 'value').value = instruction;
+  await app.queuePrompt(0, 1);
+  const output = byTitle('output');
+  const shown = () => (output.imgs || []).filter(img => img.complete && img.naturalWidth > 0);
+  for (let i = 0; i < 1200 && shown().length === 0; i++) {
+    if (app.graph.nodes.some(n => n.has_errors)) break;
+    await sleep(500);
+  }
+  const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 1500));
+  return {shown: shown().map(img => [img.naturalWidth, img.naturalHeight, img.src]),
+          flagged: app.graph.nodes.filter(n => n.has_errors).map(n => n.title || n.type), dialogs};
+})
+"""
+
+
+def _upload(server, path: Path) -> str:
+    """POST /upload/image, what the Load Image node's upload button sends; returns the stored name."""
+    boundary = "dualref-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(f"{server.url}/upload/image", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["name"]
+
+
+def test_a_template_queued_in_the_browser_shows_its_image(frontend, tiny_server, artifacts, tmp_path):
+    """The artist's path end to end: open the template, upload two pictures, queue, and the edit
+    appears in the Save Image node (no LoRA: the template as shipped, shrunk for the CPU only)."""
+    import numpy as np
+    from PIL import Image
+
+    names = []
+    for k, (h, w) in enumerate([(48, 64), (64, 64)], start=1):
+        y, x = np.mgrid[0:h, 0:w]
+        picture = tmp_path / f"browser-{k}.png"
+        Image.fromarray((np.stack([x * 4, y * 5 + 40 * k, (x + y) * 2], -1) % 256).astype(np.uint8)).save(picture)
+        names.append(_upload(tiny_server, picture))
+    task = "animal_scene"
+    report = load(frontend, ui_workflow(task), task)
+    assert report["missing"] == [] and report["dialogs"] == [], report
+    before = set(tiny_server.get_json("/history"))
+    result = frontend.js(f"{QUEUE_JS}({json.dumps(names)}, {json.dumps('Put the square of image 2 into image 1')})")
+    tmp, keep = artifacts
+    keep(frontend.screenshot(tmp / "frontend-queued.png"))
+    assert result["flagged"] == [] and result["dialogs"] == [], f"{result}\nhost log:\n{tiny_server.log_text()[-3000:]}"
+    assert len(result["shown"]) == 1, f"no image appeared in the output node: {result}"
+    width, height, src = result["shown"][0]
+    assert (width, height) == (64, 48) and "type=output" in src  # image 1's size: canvas "reference 1"
+    (prompt_id,) = set(tiny_server.get_json("/history")) - before
+    ran = tiny_server.get_json(f"/history/{prompt_id}")[prompt_id]
+    assert ran["status"]["status_str"] == "success"
+    graph = ran["prompt"][2]
+    assert {n["class_type"] for n in graph.values()} >= {"DualReferenceLoader", "DiagonalPositionPatch",
+                                                         "DualLoRAApply", "KSampler", "SaveImage"}

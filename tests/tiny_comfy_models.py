@@ -72,14 +72,35 @@ def _save(state: dict, path: Path, metadata: dict | None = None) -> Path:
     return path
 
 
-def write_kontext_models(models_dir: Path, unet: str, clip_l: str, vae: str, seed: int = 0) -> str:
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def fp8_scaled(state: dict) -> dict:
+    """The transformer as ComfyUI's ``*_fp8_scaled.safetensors`` files store it (e.g.
+    flux1-dev-kontext_fp8_scaled): every block's linear weight in float8_e4m3fn with a per-tensor
+    float32 ``scale_weight`` (weight = fp8 * scale), the embedders and norms as they were, and the
+    ``scaled_fp8`` marker key ComfyUI detects the format by."""
+    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, value in state.items():
+        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().max().clamp(min=1e-12) / FP8_MAX
+            out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[key] = value
+    return out
+
+
+def write_kontext_models(models_dir: Path, unet: str, clip_l: str, vae: str, seed: int = 0,
+                         fp8: bool = False) -> str:
     """Write the three files under ``models_dir`` (diffusion_models/, text_encoders/, vae/), one model
-    alive at a time; returns the transformer's base fingerprint (what a DualRef LoRA records)."""
+    alive at a time; returns the transformer's base fingerprint (what a DualRef LoRA records).
+    ``fp8``: the transformer in ComfyUI's fp8-scaled format (:func:`fp8_scaled`)."""
     from dual_rope.lora_meta import base_fingerprint
 
     state = random_state_dict(flux_shapes(kontext_unet_config()), seed, dtype=torch.bfloat16)
     fingerprint = base_fingerprint(state.__getitem__, 1, 1, naming="bfl")
-    _save(state, models_dir / "diffusion_models" / unet)
+    _save(fp8_scaled(state) if fp8 else state, models_dir / "diffusion_models" / unet)
     del state
     _save(random_state_dict(clip_l_shapes(), seed + 1, dtype=torch.bfloat16), models_dir / "text_encoders" / clip_l)
     _save(random_state_dict(flux_vae_shapes(), seed + 2, dtype=torch.bfloat16), models_dir / "vae" / vae)
@@ -100,21 +121,45 @@ def write_dualref_lora(path: Path, fingerprint: str, layout: str = "diagonal", r
                                       base_fingerprint=fingerprint, train={"steps": 1, "precision": "bf16"}))
 
 
+def shrink_for_cpu(graph: dict, steps: int | None = 4) -> dict:
+    """An API workflow as shipped, changed for size only (in place, returned): ``DualCLIPLoader`` (which
+    always builds the 4.7B T5-XXL) becomes ``CLIPLoader`` on the tiny CLIP-L, same node id and title;
+    ``megapixels`` 0 (64 px pictures keep their size instead of growing to 1 MP), a custom canvas
+    64x48; ``steps`` fewer."""
+    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
+    graph[clip] = {"inputs": {"clip_name": CLIP_FILE, "type": "stable_diffusion", "device": "default"},
+                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
+    loader = next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]
+    loader.update(megapixels=0.0, width=64, height=48)  # width/height: the canvas when it is "custom"
+    if steps is not None:
+        next(n for n in graph.values() if n["class_type"] == "KSampler")["inputs"]["steps"] = steps
+    return graph
+
+
+CLIP_FILE = "clip_l.safetensors"  # the templates' CLIP-L file name (comfy_queue.task_graphs.CLIP_L)
+
+
 @contextlib.contextmanager
-def tiny_kontext_server(base: Path):
+def tiny_kontext_server(base: Path, lora: bool = True, fp8: bool = False):
     """A ComfyUI server whose ``base/models`` holds tiny files under the task workflows' own file
-    names (Kontext transformer, CLIP-L, VAE and the SFT LoRA); the ~1.4 GB of models is removed
-    afterwards rather than left in pytest's kept tmp dirs."""
+    names (Kontext transformer, CLIP-L, VAE and, with ``lora``, the SFT LoRA; ``models/loras`` is
+    empty without it); ``fp8``: the transformer in ComfyUI's fp8-scaled format, as the file the
+    templates name is. The ~1.4 GB of models is removed afterwards rather than left in pytest's kept
+    tmp dirs."""
     import shutil
 
     from comfy_host import start_server
-    from workflows.task_graphs import SFT_LORA
+    from comfy_queue.task_graphs import CLIP_L, SFT_LORA, UNET, VAE
 
+    assert CLIP_L == CLIP_FILE
     models = base / "models"
-    fingerprint = write_kontext_models(models, "flux1-kontext-dev.safetensors", "clip_l.safetensors", "ae.safetensors")
-    write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
+    fingerprint = write_kontext_models(models, UNET, CLIP_L, VAE, fp8=fp8)
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    if lora:
+        write_dualref_lora(models / "loras" / SFT_LORA, fingerprint)
     try:
         with start_server(base=base) as server:
+            server.fingerprint = fingerprint
             yield server
     finally:
         shutil.rmtree(models, ignore_errors=True)

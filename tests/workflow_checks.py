@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from workflows.task_graphs import BYPASS, DDPO_LORA, FRONTEND_ONLY, MODEL_FILES
+from comfy_queue.task_graphs import BYPASS, DDPO_LORA, FRONTEND_EXPORTS, FRONTEND_ONLY, MODEL_FILES
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
@@ -161,6 +161,8 @@ def check_api(task: str, graph: dict, object_info: dict, files=KNOWN_FILES) -> l
             if name not in node["inputs"]:
                 problems.append(f"{where}: required input {name} missing")
         for name, value in node["inputs"].items():
+            if FRONTEND_EXPORTS.get(node["class_type"], {}).get(name, object()) == value:
+                continue  # what the frontend itself adds to this node's prompt
             if name not in inputs:
                 problems.append(f"{where}: no input named {name}")
             elif isinstance(value, list):
@@ -191,6 +193,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         spec = object_info[node["type"]]
         inputs = {name: value for (name, kind, _, _), value in zip(frontend_widgets(spec), node["widgets_values"])
                   if kind and kind != "IMAGEUPLOAD"}
+        inputs.update(FRONTEND_EXPORTS.get(node["type"], {}))
         for slot in node["inputs"]:
             if slot["link"] is not None:
                 _, origin, origin_slot, *_ = links[slot["link"]]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dual_rope import METHODS
 
 # Diffusers/peft module names of a Flux block that ComfyUI's LoRA loader maps too: attention
 # projections of both streams, the MLPs, and the single blocks' fused MLP/out projections.
@@ -129,6 +128,8 @@ class SFTConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "SFTConfig":
+        from dual_rope import METHODS  # dual_rope loads torch: config files and --help stay light without it
+
         choices = {
             "train.mode": ("lora", "full"), "train.precision": ("fp32", "bf16"),
             "train.distributed": ("ddp", "fsdp"), "train.layout": METHODS,

@@ -26,9 +26,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from comfy_queue.comfy_errors import ComfyError
+from judge.config import default_profile_name, load_profiles
 from judge.manifest import SINGLE_TASKS, TASKS
 
 from ..files import cache_dir_for
+from ..toy.world import generate_world
 from .generators import NO_LORA, ComfyGenerator, HeadlessGenerator, generate_missing
 from .report import compare_tables, run_tables, table_text, write_report, write_tables
 from .run_folder import BenchError, RunDir, profile_mode, select_samples
@@ -51,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--generator", choices=("headless", "comfyui"), default="headless")
     p.add_argument("--server", action="append", default=[], help="comfyui: a ComfyUI URL; repeat to share the work")
     p.add_argument("--workflow-dir", type=Path, help="comfyui: folder of <task>.json API workflows "
-                   "(default: the pack's workflows/api)")
+                   "(default: the pack's comfy_queue/api)")
     p.add_argument("--timeout", type=float, help="comfyui: seconds to wait for one job")
     p.add_argument("--model", help="headless: a Kontext diffusers folder or 'toy' (default); "
                    "comfyui: the UNETLoader file name (default: the workflow's)")
@@ -92,7 +95,6 @@ def slug(text: str) -> str:
 
 def default_manifest() -> Path:
     """The toy world's manifest: reused where it exists (e.g. generated for SFT), else generated."""
-    from ..toy.world import generate_world
 
     manifest = DEFAULT_WORLD / "manifest.jsonl"
     if not manifest.is_file():
@@ -104,7 +106,6 @@ def default_manifest() -> Path:
 def default_judges(selected, config) -> list[str]:
     if all(isinstance(s.sample.plan, dict) for s in selected):
         return ["toy"]
-    from judge.config import default_profile_name, load_profiles
 
     name = default_profile_name(load_profiles(config))
     if name == "toy":
@@ -266,7 +267,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from workflows.comfy_errors import ComfyError
 
     try:
         if args.compare:

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from comfy_queue.comfy_errors import WorkflowError
+from comfy_queue.fill import load_workflow
+from comfy_queue.queue import Job, run_batch
+from comfy_queue.task_graphs import TASKS
+
 from .run_folder import BenchError, RunDir, Selected
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ class HeadlessGenerator:
     def __init__(self, model="toy", loras=(), layout: str = "diagonal", steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, batch_size: int = 16, cache_dir=None,
                  max_pixels: int = 512 * 512, bundle=None, progress: bool = True):
+        # torch-heavy modules load when a headless generator is made: --help and --compare stay light
         from dual_rope import METHODS
 
         from ..evaluation import sampler_config
@@ -93,7 +99,7 @@ class HeadlessGenerator:
         return "+".join([name] + [p.stem for p, _, _ in self.loras]) + layout
 
     def identity(self) -> dict:
-        from ..lora_io import lora_content_hash
+        from ..lora_io import lora_content_hash  # torch-heavy: see __init__
 
         return {"generator": self.kind, "transformer": self.bundle.fingerprint("transformer"),
                 "vae": self.bundle.fingerprint("vae"), "layout": self.layout, "seed": self.seed,
@@ -132,7 +138,7 @@ class HeadlessGenerator:
         import torch
         from tqdm import tqdm
 
-        from ..cache import CachedDataset, EmbeddingCache, prepare_cache
+        from ..cache import CachedDataset, EmbeddingCache, prepare_cache  # torch-heavy: see __init__
         from ..data import Record, check_image, to_uint8
         from ..evaluation import applied_loras, by_bucket, sample_batch
 
@@ -188,7 +194,6 @@ def apply_overrides(graph: dict, where: str, *, model=None, sft_lora=None, ddpo_
 
     ``sft_lora="none"`` takes DualLoRAApply out (its consumers read the model it was given): the base.
     """
-    from workflows.comfy_errors import WorkflowError
 
     graph = copy.deepcopy(graph)
 
@@ -227,16 +232,14 @@ def apply_overrides(graph: dict, where: str, *, model=None, sft_lora=None, ddpo_
 
 
 class ComfyGenerator:
-    """Queues each sample's task workflow (``workflows/api/<task>.json``, or ``<workflow_dir>/<task>.json``)
-    on one or more ComfyUI servers with ``workflows.queue.run_batch``. Model and LoRA names are file
+    """Queues each sample's task workflow (``comfy_queue/api/<task>.json``, or ``<workflow_dir>/<task>.json``)
+    on one or more ComfyUI servers with ``comfy_queue.queue.run_batch``. Model and LoRA names are file
     names in the servers' models folders."""
 
     kind = "comfyui"
 
     def __init__(self, servers, workflow_dir=None, model=None, sft_lora=None, ddpo_lora=None, layout=None,
                  steps=None, guidance=None, seed: int = 0, timeout: float | None = None, progress: bool = True):
-        from workflows.fill import load_workflow
-        from workflows.task_graphs import TASKS
 
         if not servers:
             raise BenchError("--generator comfyui needs at least one --server URL (e.g. http://127.0.0.1:8188)")
@@ -282,7 +285,6 @@ class ComfyGenerator:
         return self.paths[task]
 
     def generate(self, todo: list[Selected], run: RunDir) -> Iterator[GenResult]:
-        from workflows.queue import Job, run_batch
 
         jobs, by_id = [], {}
         for s in todo:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from judge.edit_score import SCORE_ASPECTS
-from judge.results import TABLE2_COLUMNS
+from judge.results import TABLE2_COLUMNS, write_json_atomic
 from judge.verdict import QUESTIONS
 
 from ..files import write_text
@@ -132,7 +132,6 @@ def table_text(tables: list[Table]) -> str:
 
 
 def write_tables(out_dir: Path, stem: str, tables: list[Table], extra: dict | None = None) -> tuple[Path, Path]:
-    from judge.results import write_json_atomic
 
     md = Path(out_dir) / f"{stem}.md"
     md.write_text(table_text(tables))

@@ -19,7 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from judge.cli import parse_args, run
+from judge.config import load_profiles
 from judge.manifest import ManifestError, Sample, parse_line, write_manifest
+from judge.registry import load_judge
 from judge.results import VerdictLog, write_json_atomic
 
 from ..files import atomic_path
@@ -193,7 +196,6 @@ class RunDir:
               concurrency: int | None = None) -> dict:
         """Judge every output with the judge CLI's own loop (resumable); returns its summary, plus
         the generator's reason for each sample without an output."""
-        from judge.cli import parse_args, run
 
         argv = ["--profile", profile, "--manifest", str(self.manifest), "--outputs", str(self.outputs),
                 "--out", str(self.judge_dir(profile, mode))]
@@ -226,8 +228,6 @@ class RunDir:
 
 def profile_mode(profile: str, config=None) -> str:
     """The mode a profile judges in (the folder name's suffix), without building the judge."""
-    from judge.config import load_profiles
-    from judge.registry import load_judge
 
     profiles = load_profiles(config)
     if profile not in profiles:

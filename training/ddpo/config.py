@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from dual_rope import METHODS
 
 from ..config import DEFAULT_TARGET_MODULES, ConfigError, ModelConfig, build_config, load_into
 from ..sampler import SamplerConfig
@@ -149,6 +148,8 @@ class DDPOConfig:
         return SamplerConfig(**values)
 
     def validate(self, need_sft: bool = True) -> "DDPOConfig":
+        from dual_rope import METHODS  # dual_rope loads torch: config files and --help stay light without it
+
         d, r = self.ddpo, self.run
         choices = {"ddpo.advantage": (d.advantage, ADVANTAGES), "run.precision": (r.precision, ("fp32", "bf16")),
                    "run.layout": (r.layout, (None,) + tuple(METHODS)),

@@ -1,6 +1,6 @@
 """Filling an API-format workflow with one job's images, instruction and seed.
 
-The convention (the task workflows in ``workflows/api/`` follow it). A node is found by its title,
+The convention (the task workflows in ``comfy_queue/api/`` follow it). A node is found by its title,
 ``_meta.title`` in ComfyUI's "Export (API)" format, compared case-insensitively with surrounding
 whitespace ignored:
 
@@ -64,7 +64,7 @@ def task_workflow_path(task: str) -> Path:
 
 
 def load_workflow(task: str | None = None, path=None) -> dict:
-    """The API-format graph of ``path``, else of ``workflows/api/<task>.json``."""
+    """The API-format graph of ``path``, else of ``comfy_queue/api/<task>.json``."""
     if path is None:
         if task is None:
             raise WorkflowError("give a task or a workflow path")
@@ -85,7 +85,7 @@ def load_workflow(task: str | None = None, path=None) -> dict:
     if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
         raise WorkflowError(
             f"{path} is a UI-format workflow; queueing needs the API format "
-            "(in ComfyUI: Workflow > Export (API)), e.g. the twin in workflows/api/"
+            "(in ComfyUI: Workflow > Export (API)), e.g. the twin in comfy_queue/api/"
         )
     if isinstance(graph, dict) and isinstance(graph.get("prompt"), dict):
         graph = graph["prompt"]  # a saved /prompt payload
@@ -121,7 +121,7 @@ def fill_workflow(workflow: dict, image_names, instruction: str, seed: int | Non
     if missing:
         raise WorkflowError(
             "the workflow has no node titled " + ", ".join(repr(t) for t in missing)
-            + " (titles are _meta.title in the API format; see workflows/fill.py for the convention)"
+            + " (titles are _meta.title in the API format; see comfy_queue/fill.py for the convention)"
         )
     for title, name in zip(IMAGE_TITLES, image_names):
         for nid in nodes_titled(graph, title):

@@ -2,7 +2,7 @@
 
 One job::
 
-    python -m workflows.queue --server http://127.0.0.1:8188 --task animal_scene \\
+    python -m comfy_queue --server http://127.0.0.1:8188 --task animal_scene \\
         --image1 park.png --image2 dog.png --instruction "Put the dog from image 2 into the park of image 1" \\
         --out outputs/ [--seed 7] [--workflow my_api_workflow.json]
 
@@ -11,16 +11,16 @@ A batch (JSONL, one job a line: ``{"image1", "image2", "instruction", "task"?, "
 spread over every ``--server`` (each server pulls the next job when it finishes one, so fast servers
 do more; a server that goes down hands its job back to the others)::
 
-    python -m workflows.queue --server http://gpu1:8188 --server http://gpu2:8188 \\
+    python -m comfy_queue --server http://gpu1:8188 --server http://gpu2:8188 \\
         --batch jobs.jsonl [--split test] --out outputs/
 
 Outputs land in ``--out`` (batch: ``<job id>-<file>``); a batch appends one line per finished job
 to ``<out>/results.jsonl`` and a rerun skips the jobs already done. How the workflow is filled (node
-titles ``image 1``, ``image 2``, ``instruction``, ``seed``, ``output``) is in ``workflows/fill.py``.
+titles ``image 1``, ``image 2``, ``instruction``, ``seed``, ``output``) is in ``comfy_queue/fill.py``.
 
 Python::
 
-    from workflows.queue import queue_job, run_batch, Job
+    from comfy_queue import queue_job, run_batch, Job
     paths = queue_job("http://127.0.0.1:8188", load_workflow("animal_scene"), ["a.png", "b.png"], "…")
     for result in run_batch(servers, jobs, "outputs/"): ...
 """
@@ -44,10 +44,7 @@ from .comfy_client import ComfyClient, EventCallback
 from .comfy_errors import ComfyError
 from .fill import check_node_types, fill_workflow, load_workflow, output_node_ids
 
-try:
-    from judge.manifest import TASKS
-except ImportError:  # the client alone, without the trainer's packages on the path
-    TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
+from .task_graphs import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ def queue_job(server, workflow: dict, images, instruction: str, seed: int | None
     """Run one job on ``server`` (a URL or a :class:`ComfyClient`); returns the downloaded files.
 
     Checks the node types against ``/object_info`` before queueing, so a missing node is named
-    before anything runs. Raises :class:`~workflows.comfy_errors.ComfyError` subclasses.
+    before anything runs. Raises :class:`~comfy_queue.comfy_errors.ComfyError` subclasses.
     """
     client = server if isinstance(server, ComfyClient) else ComfyClient(server, use_websocket=use_websocket)
     try:
@@ -289,9 +286,9 @@ def _step_progress(enabled: bool) -> tuple[EventCallback | None, object]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflows.queue", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m comfy_queue", description=__doc__.split("\n\n")[0])
     p.add_argument("--server", action="append", help="ComfyUI URL; repeat to share a batch (default http://127.0.0.1:8188)")
-    p.add_argument("--task", choices=TASKS, help="uses workflows/api/<task>.json")
+    p.add_argument("--task", choices=TASKS, help="uses comfy_queue/api/<task>.json")
     p.add_argument("--workflow", help="an API-format workflow to use instead of the task's")
     p.add_argument("--image1")
     p.add_argument("--image2")

@@ -1,11 +1,11 @@
-"""Build the task workflows from ``workflows/task_graphs.py``: UI format, API format, thumbnails.
+"""Build the task workflows from ``comfy_queue/task_graphs.py``: UI format, API format, thumbnails.
 
-    python -m workflows.build                # write workflows/<task>.json and workflows/api/<task>.json
-    python -m workflows.build --thumbnails   # also workflows/<task>.jpg (template browser pictures)
-    python -m workflows.build --check        # exit 1, naming the files, when the committed JSON differs
+    python -m comfy_queue.build                # write example_workflows/<title>.json and comfy_queue/api/<task>.json
+    python -m comfy_queue.build --thumbnails   # also example_workflows/<title>.jpg (template browser pictures)
+    python -m comfy_queue.build --check        # exit 1, naming the files, when the committed JSON differs
 
 The UI format is what the ComfyUI frontend saves (schema version 0.4: nodes with id/type/pos/size/
-widgets_values/inputs/outputs, a links array, groups, extra.ds); ComfyUI lists ``workflows/*.json``
+widgets_values/inputs/outputs, a links array, groups, extra.ds); ComfyUI lists ``example_workflows/*.json``
 of a custom-node pack in its template browser. The API format is what the frontend's
 "Export (API)" writes: ``{id: {"inputs", "class_type", "_meta": {"title"}}}`` with links as
 ``[origin id, output index]``; frontend-only notes and bypassed nodes are left out, as the frontend
@@ -19,16 +19,18 @@ import sys
 import uuid
 from pathlib import Path
 
-from .task_graphs import (BYPASS, FRONTEND_ONLY, FRONTEND_WIDGETS, MODEL_FILES, MODEL_URLS, NODE_TYPES, PACK_NODES,
-                          PACK_REGISTRY_ID, TASKS, UPLOAD_LABEL, Graph, Slot, task_graph)
+from .task_graphs import (BYPASS, FRONTEND_EXPORTS, FRONTEND_ONLY, FRONTEND_WIDGETS, MODEL_FILES, MODEL_URLS, NODE_TYPES, PACK_NODES,
+                          PACK_REGISTRY_ID, TASKS, UPLOAD_LABEL, Graph, Slot, task_graph, template_title)
 
-WORKFLOWS_DIR = Path(__file__).resolve().parent
-API_DIR = WORKFLOWS_DIR / "api"
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+WORKFLOWS_DIR = REPO_DIR / "example_workflows"  # what ComfyUI serves: UI templates and thumbnails only
+API_DIR = PACKAGE_DIR / "api"  # the queue client's inputs, installed with this package
 SCHEMA_VERSION = 0.4
 
 
 def ui_path(task: str) -> Path:
-    return WORKFLOWS_DIR / f"{task}.json"
+    return WORKFLOWS_DIR / f"{template_title(task)}.json"  # the file name is the template browser's title
 
 
 def api_path(task: str) -> Path:
@@ -36,7 +38,7 @@ def api_path(task: str) -> Path:
 
 
 def thumbnail_path(task: str) -> Path:
-    return WORKFLOWS_DIR / f"{task}.jpg"  # the frontend asks for <template>.jpg next to the .json
+    return WORKFLOWS_DIR / f"{template_title(task)}.jpg"  # the frontend asks for <template>.jpg next to the .json
 
 
 def _numbered_links(graph: Graph) -> list[tuple[int, int, int, int, str, str]]:
@@ -150,7 +152,7 @@ def _target_slot(ui_nodes: list[dict], target: int, name: str) -> int:
 
 
 def to_api(graph: Graph) -> dict:
-    """The graph as "Export (API)" writes it: what ``POST /prompt`` and ``workflows.queue`` take."""
+    """The graph as "Export (API)" writes it: what ``POST /prompt`` and ``comfy_queue`` take."""
     active = {n.id: n for n in graph.nodes if n.type not in FRONTEND_ONLY and n.mode != BYPASS}
     out = {}
     for node in sorted(active.values(), key=lambda n: n.id):
@@ -160,6 +162,7 @@ def to_api(graph: Graph) -> dict:
         if skipped:
             raise ValueError(f"{graph.name}: active node {node.id} is fed by bypassed or note nodes {skipped}")
         inputs = {k: v for k, v in node.widgets.items() if k not in FRONTEND_WIDGETS and k not in incoming}
+        inputs.update(FRONTEND_EXPORTS.get(node.type, {}))
         inputs.update(incoming)
         out[str(node.id)] = {"inputs": inputs, "class_type": node.type,
                              "_meta": {"title": node.title or NODE_TYPES[node.type].display}}
@@ -209,7 +212,7 @@ def write_thumbnails(tile: int = 96, pad: int = 12) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workflows.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m comfy_queue.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files, write nothing")
     parser.add_argument("--thumbnails", action="store_true", help="also write <task>.jpg from the toy world")
     args = parser.parse_args(argv)
@@ -217,17 +220,20 @@ def main(argv=None) -> int:
     if args.check:
         stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
         for p in stale:
-            print(f"out of date: {p.relative_to(WORKFLOWS_DIR.parent)}", file=sys.stderr)
+            print(f"out of date: {p.relative_to(REPO_DIR)}", file=sys.stderr)
         if stale:
-            print("run: python -m workflows.build", file=sys.stderr)
+            print("run: python -m comfy_queue.build", file=sys.stderr)
         return 1 if stale else 0
     API_DIR.mkdir(exist_ok=True)
+    stale = [p for p in WORKFLOWS_DIR.glob("*.json") if p not in files]  # a renamed template's old file
+    for path in stale + [p.with_suffix(".jpg") for p in stale]:
+        path.unlink(missing_ok=True)
     for path, text in files.items():
         path.write_text(text)
-        print(path.relative_to(WORKFLOWS_DIR.parent))
+        print(path.relative_to(REPO_DIR))
     if args.thumbnails:
         for path in write_thumbnails():
-            print(path.relative_to(WORKFLOWS_DIR.parent))
+            print(path.relative_to(REPO_DIR))
     return 0
 
 

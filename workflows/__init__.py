@@ -1,1 +1,0 @@
-"""ComfyUI workflows (*.json for drag-and-drop, api/*.json for queueing) and the queue client."""
