@@ -38,7 +38,7 @@ def _toy(profile: Profile, profiles, **overrides) -> Judge:
     try:
         from .toy import ToyJudge
     except ImportError as e:
-        raise ProfileError(f"the toy judge (judge/toy.py) could not be imported: {e}") from None
+        raise ProfileError(f"the toy judge (judge/toy/) could not be imported: {e}") from None
     return ToyJudge(**{"mode": profile.mode, **profile.options})
 
 

@@ -4,7 +4,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from dual_rope.comfy_lora import POLICIES, apply_dual_loras
+from ..dual_rope.comfy_lora import POLICIES, apply_dual_loras
 
 NONE = "None"
 ZERO_SHOT = (

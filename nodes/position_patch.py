@@ -1,8 +1,8 @@
 """DiagonalPositionPatch: place two reference latents on Kontext's RoPE grid (MODEL -> MODEL)."""
 from comfy_api.latest import io
 
-from dual_rope.comfy_adapter import apply_position_patch
-from dual_rope.layout import DEFAULT_METHOD, METHODS
+from ..dual_rope.comfy_adapter import apply_position_patch
+from ..dual_rope.layout import DEFAULT_METHOD, METHODS
 
 METHOD_HELP = (
     "diagonal (default, the paper's): reference 1 exactly as native Kontext, reference 2 starts past "

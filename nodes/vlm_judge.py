@@ -16,10 +16,10 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from judge.config import ProfileError, find_config, load_profiles
-from judge.pool import JudgePool
-from judge.registry import load_judge
-from judge.verdict import QUESTIONS, JudgeRequest, Unjudged
+from ..judge.config import ProfileError, find_config, load_profiles
+from ..judge.pool import JudgePool
+from ..judge.registry import load_judge
+from ..judge.verdict import QUESTIONS, JudgeRequest, Unjudged
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from judge.toy import ToyJudge
 from judge.verdict import JudgeRequest
 from sft_helpers import micro_model
 from training.bench.cli import main
+from training.models import load_kontext
 from training.seeds import SEED_STRIDE
 from training.lora_io import save_lora, transformer_fingerprint
 from judge.manifest import TASKS
@@ -291,7 +292,7 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(stacked), "--lora", str(lora), "--lora2", str(lora2)]) == 0
     assert main(common + ["--out", str(tmp_path / "only2"), "--lora", str(lora2)]) == 0
 
-    expected = sample_split(str(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
+    expected = sample_split(load_kontext(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
                             cache_dir=tmp_path / "cache")
     assert len(expected) == 2 * PER_TASK
     for out in expected:

@@ -61,3 +61,15 @@ def test_no_cycle_no_layer_breach_no_prefixed_module():
     assert not cycles, cycles
     prefixed = [m for m in mods if re.fullmatch(r"training\.(ddpo|synth|bench|toy|sft|memory)_\w+", m)]
     assert not prefixed, prefixed
+
+
+def test_comfyui_side_imports_the_pack_relatively():
+    """ComfyUI loads the pack as one package named after its folder: nodes/ must reach dual_rope/ and
+    judge/ as ``..dual_rope`` / ``..judge``; an absolute import works in tests and fails on a user's install."""
+    absolute = []
+    for path in sorted((REPO / "nodes").glob("*.py")) + [REPO / "__init__.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            absolute += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in PACKAGES]
+    assert not absolute, absolute

@@ -252,14 +252,14 @@ def test_profile_holds_no_key_and_load_names_the_missing_variable(tmp_path, monk
 
 
 def test_toy_profile_is_built_lazily_by_name():
-    """'toy' is built in; its module (judge/toy.py, the toy world's judge) is imported only when asked for."""
+    """'toy' is built in; its package (judge/toy/, the toy world's judge) is imported only when asked for."""
     code = "import sys, judge; judge.load_profiles; assert 'judge.toy' not in sys.modules; " \
            "assert not any(m.split('.')[0] in ('diffusers', 'peft', 'transformers', 'training') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "DUALREF_JUDGE_CONFIG": ""})
-    if (REPO / "judge" / "toy.py").exists():
+    if (REPO / "judge" / "toy" / "__init__.py").exists():
         judge = load_judge("toy", config=None)
         assert type(judge).__name__ == "ToyJudge" and "judge.toy" in sys.modules
         judge.close()
     else:
-        with pytest.raises(ProfileError, match="judge/toy.py"):
+        with pytest.raises(ProfileError, match="judge/toy/"):
             load_judge("toy")

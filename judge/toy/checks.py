@@ -3,7 +3,7 @@
 ``PlanRenders`` holds everything derived from a plan alone (the exact target, what lies under the
 edit, which pixels the instruction may change, plain background, ...). DDPO judges the same prompt
 many times, so ``ToyJudge`` keeps these in a small LRU cache keyed by the plan. ``Measure`` then
-measures one output and returns the named values the thresholds in judge/toy.py decide on.
+measures one output and returns the named values the thresholds in judge/toy/__init__.py decide on.
 """
 from __future__ import annotations
 
