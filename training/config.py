@@ -34,6 +34,22 @@ class ConfigError(ValueError):
     """A bad configuration value, naming the key and what is allowed."""
 
 
+# run.trackers: accelerate's tracker name -> the module it needs (the `track` extra installs TensorBoard)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(names, key: str = "run.trackers") -> None:
+    """Each of ``names`` is a tracker this project logs to and is installed, else a ConfigError naming ``key``."""
+    import importlib.util
+
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"{key}: {name!r} is not a tracker; use {' and/or '.join(TRACKERS)} (or [] for none)")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"{key}: {name} is not installed; pip install {TRACKERS[name]} "
+                              "(or the package's `track` extra), or remove it from " + key)
+
+
 @dataclass
 class ModelConfig:
     # A diffusers folder (model_index.json), or "toy" for the cached tiny base (training.models.toy_base).
@@ -114,6 +130,9 @@ class RunConfig:
     val_loss_samples: int = 32  # held-out samples in the (deterministic) validation loss
     val_steps: int | None = None  # Euler steps; None: the model's default
     progress: bool = True
+    # also log metrics (and validation grids) to these, in <out_dir>/tracking: tensorboard, wandb (offline:
+    # WANDB_MODE=offline). [] (default): metrics.jsonl only.
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +168,7 @@ class SFTConfig:
         for task, times in self.data.task_repeats.items():
             if isinstance(times, bool) or not (isinstance(times, int) and times >= 1):
                 raise ConfigError(f"data.task_repeats.{task} must be a whole number >= 1, got {times!r}")
+        check_trackers(self.run.trackers)
         if not self.data.manifest:
             raise ConfigError("data.manifest is required: the JSONL manifest to train on")
         if not (self.model.path or self.model.transformer):

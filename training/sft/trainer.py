@@ -140,9 +140,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     from tqdm import tqdm
 
     cfg.validate()
-    accelerator = accelerator or make_accelerator(cfg.train.distributed)
-    main = accelerator.is_main_process
     run_dir = Path(cfg.run.out_dir)
+    accelerator = accelerator or make_accelerator(cfg.train.distributed, cfg.run.trackers, run_dir)
+    main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -175,7 +175,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     if checkpoint is not None:
         log.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint, state.step, state.epoch, state.position)
     device = accelerator.device
-    metrics = MetricsLog(run_dir / "metrics.jsonl", main, state.step if checkpoint else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main, state.step if checkpoint else None, accelerator,
+                         cfg.run.trackers, project="dualref-sft", config=cfg.to_dict())
     val_indices = spread(len(val_dataset), cfg.run.val_loss_samples) if val_dataset else []
     sampling = sampler_config(bundle.settings, cfg.run.val_steps, model.guidance)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -188,8 +189,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             metrics.write(step=step, val_loss=value)
             if cfg.run.val_samples and not fsdp:  # sampling on one rank needs unsharded weights
                 grid = [val_indices[i] for i in spread(len(val_indices), cfg.run.val_samples)]
-                validation_grid(bundle, model, val_dataset, grid, sampling,
-                                run_dir / "val" / f"step_{step:07d}.png", cfg.train.seed)
+                png = run_dir / "val" / f"step_{step:07d}.png"
+                validation_grid(bundle, model, val_dataset, grid, sampling, png, cfg.train.seed)
+                metrics.image("validation grid", png, step)
         return value
 
     def checkpoint_now(barrier: bool = True) -> None:
@@ -266,6 +268,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             with interrupts.deferred():  # torchrun forwards a second SIGINT: let the save finish first
                 checkpoint_now(barrier=False)
         bar.close()
+        metrics.close()
         raise
     bar.close()
     if state.step != saved_step or not list_checkpoints(run_dir):
@@ -274,6 +277,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     full_state = accelerator.get_state_dict(wrapped) if fsdp else None  # a collective: every rank calls it
     lora_path, transformer_dir = export(cfg, model, run_dir, base_fingerprint, main, state, world, len(dataset),
                                         full_state)
+    metrics.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, last_loss, val_loss, lora_path, transformer_dir,
                        run_dir / "metrics.jsonl")
