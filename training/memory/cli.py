@@ -41,7 +41,10 @@ from .model import (
 
 GIB = 1024 ** 3
 OVERHEAD_GIB = 2.0
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # state bytes per trainable parameter
+# state bytes per trainable parameter; adamw8bit (optim.eightbit, bitsandbytes): two uint8 moments and an fp32
+# scale per 256-weight block each (tensors under 4096 weights keep fp32 moments: at Kontext's width only the
+# final proj_out's 64-row B at low rank, counted as 8-bit here)
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 8 / 256, "sgd": 0}
 
 
 @dataclass(frozen=True)

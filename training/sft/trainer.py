@@ -36,6 +36,7 @@ from ..files import cache_dir_for, file_digest
 from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
 from ..lora_io import save_lora
 from ..models import load_model
+from ..quantize import quantize_base
 from ..runtime import MetricsLog, make_accelerator, spread
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ def build_model(cfg: SFTConfig, bundle) -> FlowMatchingModel:
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights in fp32 even over a bf16 base
+        if cfg.train.base_quant != "none":
+            count = quantize_base(transformer, cfg.train.base_quant)
+            log.info("frozen base: %d linear layers quantised to %s", count, cfg.train.base_quant)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -120,8 +124,12 @@ def build_optimizer(cfg: SFTConfig, model: FlowMatchingModel):
     groups = [{"params": main}]
     if model.log_gates is not None:
         groups.append({"params": [model.log_gates], "lr": cfg.lora.gate_lr or cfg.optim.lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.eightbit:  # block-wise 8-bit states; tensors under 4096 weights (the gates) keep 32-bit ones
+        from bitsandbytes.optim import AdamW8bit as adamw
+    else:
+        adamw = torch.optim.AdamW
+    optimizer = adamw(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                      weight_decay=cfg.optim.weight_decay)
     warmup, total, cosine = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule == "cosine"
 
     def factor(step: int) -> float:
@@ -143,6 +151,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     run_dir = Path(cfg.run.out_dir)
     accelerator = accelerator or make_accelerator(cfg.train.distributed, cfg.run.trackers, run_dir)
     main = accelerator.is_main_process
+    if cfg.train.base_quant != "none" and accelerator.num_processes > 1:
+        raise ConfigError(f"train.base_quant is a memory saver for one GPU; with {accelerator.num_processes} "
+                          "processes use train.base_quant=none (or train.distributed=fsdp to shard a bf16 base)")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
