@@ -6,12 +6,13 @@ import torch
 from safetensors.torch import load_file
 
 from sft_helpers import micro_model, micro_world, sft_config
-from test_plan import forward, formula, small_flux
+from test_plan import formula, forward, small_flux
 from training.checkpoint import list_checkpoints
-from training.memory.cli import OPTIMIZER_BYTES
 from training.config import ConfigError
+from training.memory.cli import OPTIMIZER_BYTES
 from training.models import load_model
 from training.quantize import FrozenQuantLinear, quantize_base
+from training.runtime import make_accelerator
 from training.sft.trainer import build_model, build_optimizer, train
 
 
@@ -34,7 +35,7 @@ def savers(micro, world, out, quant="fp8", **sections):
 @pytest.mark.parametrize("quant", ["int8", "fp8"])
 def test_sft_with_eightbit_adamw_over_a_quantised_base(micro, world, tmp_path, quant):
     cfg = savers(micro, world, tmp_path / "run", quant)
-    bundle = load_model(cfg.model, device="cpu", precision="bf16")
+    bundle = load_model(cfg.model, device=make_accelerator().device, precision="bf16")
     result = train(cfg, bundle=bundle)
     assert result.loss is not None and torch.isfinite(torch.tensor([result.loss, result.val_loss])).all()
     # the base stayed quantised through training, validation sampling and export
@@ -69,7 +70,7 @@ def test_eightbit_states_are_one_byte_and_resume_is_exact(micro, world, tmp_path
 
 def test_eightbit_optimizer_keeps_two_bytes_per_weight(micro, world):
     cfg = savers(micro, world, "unused")
-    model = build_model(cfg, load_model(cfg.model, device="cpu", precision="bf16"))
+    model = build_model(cfg, load_model(cfg.model, device=make_accelerator().device, precision="bf16"))
     optimizer, _ = build_optimizer(cfg, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
