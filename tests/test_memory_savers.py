@@ -125,3 +125,11 @@ def test_base_quant_needs_a_bf16_lora(micro, world, tmp_path, change, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_library_is_a_config_error_with_the_install_line():
+    from training.config import require_module
+
+    with pytest.raises(ConfigError, match=r"optim\.eightbit needs no_such_optimiser_lib, which is not installed: "
+                                          r"pip install no_such_optimiser_lib \(or the package's `memory` extra\)"):
+        require_module("no_such_optimiser_lib", "optim.eightbit", "memory")

@@ -63,7 +63,7 @@ def test_ddpo_tensorboard_scalars_match_the_jsonl_and_the_reward_curve(setup, tm
     rows = metrics(tmp_path / "ddpo")
     acc = events(tmp_path / "ddpo" / "tracking" / "dualref-ddpo")
     tags = set(acc.Tags()["scalars"])
-    assert {"reward", "approx_kl", "clip_fraction", "time_judge_wait"} <= tags
+    assert {"reward", "approx_kl", "clip_fraction", "onpolicy_ratio_error", "time_judge_wait"} <= tags
     assert any(t.startswith("reward_") for t in tags)
     assert assert_scalars_match(acc, rows) > 20
     assert [i.step for i in acc.Images("reward curve")] == [2]

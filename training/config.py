@@ -54,7 +54,7 @@ def check_trackers(names, key: str = "run.trackers") -> None:
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"{key}: {name!r} is not a tracker; use {' and/or '.join(TRACKERS)} (or [] for none)")
-        require_module(TRACKERS[name], f"{key}: {name}", "track")
+        require_module(TRACKERS[name], key, "track")
 
 
 @dataclass
