@@ -69,6 +69,20 @@ def test_ddpo_tensorboard_scalars_match_the_jsonl_and_the_reward_curve(setup, tm
     assert [i.step for i in acc.Images("reward curve")] == [2]
 
 
+def test_resuming_from_an_earlier_checkpoint_drops_the_later_events_as_the_jsonl_lines(setup, tmp_path):
+    """As after a crash: the run got to step 3, a rerun resumes from step 2 and writes step 3 again."""
+    model, manifest, _ = setup
+    cfg = sft_config(model, manifest, tmp_path / "run", train={"max_steps": 3}, run={
+        "trackers": ["tensorboard"], "checkpoint_every": 2, "val_at_start": False, "val_samples": 0})
+    train(cfg)
+    train(cfg, resume=tmp_path / "run" / "checkpoints" / "step_0000002")
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    acc = events(tmp_path / "run" / "tracking" / "dualref-sft")
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert_scalars_match(acc, rows)
+
+
 def test_without_trackers_nothing_but_the_jsonl(setup, tmp_path):
     model, manifest, _ = setup
     train(sft_config(model, manifest, tmp_path / "run", train={"max_steps": 1}, run={"val_at_start": False}))
