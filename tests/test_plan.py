@@ -183,6 +183,9 @@ def test_savers_accounting_and_the_fit_table(capsys):
     assert plain["total"] - fp8["total"] == pytest.approx(bf16_base - fp8_base - fp8["parts"]["dequantised layer (transient)"])
     with pytest.raises(ValueError, match="one GPU"):
         estimate(dataclasses.replace(PAPER, base_quant="fp8"))  # FSDP x8
+    with pytest.raises(SystemExit):
+        main(["--base-quant", "fp8"])  # the paper's 8 GPUs: the CLI says to add --world-size 1 --fsdp off
+    capsys.readouterr()
     assert main(["--fit-table"]) == 0
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]

@@ -200,7 +200,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Setting | None]:
         changes["fsdp"] = args.fsdp == "on"
     if args.full_finetune:
         changes["full_finetune"] = True
-    return args, dataclasses.replace(PAPER, **changes)
+    setting = dataclasses.replace(PAPER, **changes)
+    if setting.base_quant != "none" and (setting.world_size > 1 or setting.precision != "bf16"
+                                         or setting.full_finetune):
+        p.error("--base-quant is a one-GPU saver under a bf16 LoRA: add --world-size 1 --fsdp off "
+                "(and no --precision fp32 / --full-finetune)")
+    return args, setting
 
 
 def breakdown_table(result: dict) -> str:
