@@ -33,6 +33,29 @@ class ConfigError(ValueError):
     """A bad configuration value, naming the key and what is allowed."""
 
 
+BASE_QUANT = ("none", "int8", "fp8")  # train.base_quant (training.quantize)
+
+# run.trackers: accelerate's tracker name -> the module it needs (the `track` extra installs TensorBoard)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def require_module(module: str, key: str, extra: str) -> None:
+    """A ConfigError naming ``key`` when the package ``module`` that ``key`` asks for is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key} needs {module}, which is not installed: pip install {module} (or the "
+                          f"package's `{extra}` extra), or change {key}")
+
+
+def check_trackers(names, key: str = "run.trackers") -> None:
+    """Each of ``names`` is a tracker this project logs to and is installed, else a ConfigError naming ``key``."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"{key}: {name!r} is not a tracker; use {' and/or '.join(TRACKERS)} (or [] for none)")
+        require_module(TRACKERS[name], key, "track")
+
+
 @dataclass
 class ModelConfig:
     # A diffusers folder (model_index.json), or "toy" for the cached tiny base (resolved by the entry points: training.toy.base.resolve_model_path).
@@ -79,6 +102,8 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine
     grad_clip: float = 1.0  # 0 disables clipping
+    # AdamW with 8-bit states (bitsandbytes AdamW8bit, block-wise): 2 bytes per trainable weight instead of 8
+    eightbit: bool = False
 
 
 @dataclass
@@ -87,6 +112,9 @@ class TrainConfig:
     max_steps: int = 1000
     precision: str = "fp32"  # fp32 | bf16 (bf16: frozen base in bf16, trainable weights fp32, autocast)
     gradient_checkpointing: bool = False
+    # none | int8 | fp8: the frozen base's linear weights quantised (torchao, per row) under the LoRA; one
+    # process, train.mode=lora, train.precision=bf16. fp8 needs compute capability 8.9+ on a GPU.
+    base_quant: str = "none"
     distributed: str = "ddp"  # ddp | fsdp (fsdp: for full-model training across GPUs)
     seed: int = 0
     layout: str = "diagonal"  # dual_rope method: diagonal | offset | index | uxo
@@ -113,6 +141,9 @@ class RunConfig:
     val_loss_samples: int = 32  # held-out samples in the (deterministic) validation loss
     val_steps: int | None = None  # Euler steps; None: the model's default
     progress: bool = True
+    # also log metrics (and validation grids) to these, in <out_dir>/tracking: tensorboard, wandb (offline:
+    # WANDB_MODE=offline). [] (default): metrics.jsonl only.
+    trackers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +165,7 @@ class SFTConfig:
             "train.mode": ("lora", "full"), "train.precision": ("fp32", "bf16"),
             "train.distributed": ("ddp", "fsdp"), "train.layout": METHODS,
             "train.sigma_sampling": ("logit_normal", "uniform"), "optim.schedule": ("constant", "cosine"),
+            "train.base_quant": BASE_QUANT,
         }
         for key, allowed in choices.items():
             section, name = key.split(".")
@@ -150,6 +182,17 @@ class SFTConfig:
         for task, times in self.data.task_repeats.items():
             if isinstance(times, bool) or not (isinstance(times, int) and times >= 1):
                 raise ConfigError(f"data.task_repeats.{task} must be a whole number >= 1, got {times!r}")
+        check_trackers(self.run.trackers)
+        if self.train.base_quant != "none":
+            need = {"train.mode": (self.train.mode, "lora"), "train.precision": (self.train.precision, "bf16"),
+                    "train.distributed": (self.train.distributed, "ddp")}
+            for key, (value, wanted) in need.items():
+                if value != wanted:
+                    raise ConfigError(f"train.base_quant={self.train.base_quant} quantises the frozen base under a "
+                                      f"bf16 LoRA on one GPU: it needs {key}={wanted}, not {value}")
+            require_module("torchao", "train.base_quant", "memory")
+        if self.optim.eightbit:
+            require_module("bitsandbytes", "optim.eightbit", "memory")
         if not self.data.manifest:
             raise ConfigError("data.manifest is required: the JSONL manifest to train on")
         if not (self.model.path or self.model.transformer):

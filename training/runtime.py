@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ConfigError
 
+log = logging.getLogger(__name__)
+
 FSDP_BLOCKS = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
 
 
-def make_accelerator(distributed: str = "ddp"):
+def make_accelerator(distributed: str = "ddp", trackers=(), run_dir=None):
     """The one accelerator construction: the GPU where there is one, DDP across processes, or FSDP2
-    (``distributed="fsdp"``) wrapping each Flux block.
+    (``distributed="fsdp"``) wrapping each Flux block; ``trackers`` (``run.trackers``, checked by
+    :func:`training.config.check_trackers`) log into ``<run_dir>/tracking`` (see :class:`MetricsLog`).
 
     bf16 autocast is the jobs' own (FlowMatchingModel.autocast, the DDPO policy), not accelerate's:
     its mixed_precision is process-global state, which would forbid a second in-process run with
@@ -21,6 +27,8 @@ def make_accelerator(distributed: str = "ddp"):
     from accelerate import Accelerator
 
     kwargs = {"cpu": not torch.cuda.is_available()}
+    if trackers:
+        kwargs.update(log_with=list(trackers), project_dir=str(tracking_dir(run_dir)))
     if distributed == "fsdp":
         if not torch.cuda.is_available():
             raise ConfigError("train.distributed=fsdp needs GPUs; use ddp on CPU")
@@ -38,18 +46,86 @@ def spread(count: int, wanted: int) -> list[int]:
     return [i * count // n for i in range(n)] if n else []
 
 
-class MetricsLog:
-    """``metrics.jsonl`` on the main process; on resume, lines past the resumed step are dropped."""
+def tracking_dir(run_dir) -> Path:
+    """Where ``run.trackers`` write: TensorBoard events in ``<run>/tracking/<project>``, W&B's offline runs."""
+    return Path(run_dir) / "tracking"
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+
+def flat_config(values: dict, prefix: str = "") -> dict:
+    """A nested config as ``{"optim.lr": 5e-05, ...}`` of numbers, strings and booleans (what TensorBoard's
+    hyperparameters and W&B's config take); lists and None as text."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat
+
+
+class MetricsLog:
+    """The one metrics writer: ``metrics.jsonl`` on the main process (on resume, lines past the resumed step
+    are dropped) and, with ``trackers`` (``run.trackers``), the same numbers through accelerate's trackers
+    into ``<run>/tracking``: every numeric value of a line is a scalar at the line's ``step``; :meth:`image`
+    logs a picture (validation grids, reward curves). TensorBoard drops a resumed run's events past the
+    resumed step too (``purge_step``). Call :meth:`close` when the job ends."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, accelerator=None, trackers=(),
+                 project: str = "dualref", config: dict | None = None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(k + "\n" for k in kept))
         elif enabled and resume_step is None:
             path.write_text("")
+        self.accelerator = accelerator if trackers else None
+        if self.accelerator is not None:
+            self._start(list(trackers), path.parent, project, config or {}, resume_step)
+
+    def _start(self, names: list[str], run_dir: Path, project: str, config: dict, resume_step: int | None):
+        from accelerate.tracking import filter_trackers
+
+        acc, where = self.accelerator, tracking_dir(run_dir)
+        if acc.logging_dir is None or Path(acc.logging_dir) != where or [str(t) for t in acc.log_with] != names:
+            # an accelerator made for another job (the main job's pipeline runs SFT then DDPO on one)
+            acc.project_configuration.logging_dir = str(where)
+            acc.log_with = filter_trackers(names, str(where))
+        acc.trackers = []  # a previous job's trackers were finished by its close()
+        if acc.is_main_process:
+            where.mkdir(parents=True, exist_ok=True)
+        kwargs = {"wandb": {"dir": str(where)}}
+        if resume_step is not None:
+            kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+        acc.init_trackers(project, config=flat_config(config), init_kwargs=kwargs)
 
     def write(self, **values) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(values, sort_keys=True) + "\n")
+        if self.accelerator is not None:
+            scalars = {k: v for k, v in values.items() if k != "step" and isinstance(v, (int, float))
+                       and not isinstance(v, bool) and math.isfinite(v)}
+            if scalars:
+                self.accelerator.log(scalars, step=values.get("step"))
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        """The PNG at ``path`` as image ``name`` at ``step`` in every tracker (nothing without trackers)."""
+        if self.accelerator is None or not self.accelerator.is_main_process or not Path(path).is_file():
+            return
+        from PIL import Image
+
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))[None]  # one image, NHWC
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: pixels}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({name: pixels}, step=step)
+
+    def close(self) -> None:
+        """Finish the trackers: what ``accelerator.end_training()`` does for them, without its teardown of the
+        process group (the main job runs SFT and DDPO on one accelerator, tests many runs in one process)."""
+        if self.accelerator is not None:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []

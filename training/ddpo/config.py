@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-from ..config import DEFAULT_TARGET_MODULES, ConfigError, ModelConfig, build_config, load_into
+from ..config import DEFAULT_TARGET_MODULES, ConfigError, ModelConfig, build_config, check_trackers, load_into
 from ..sampler import SamplerConfig
 
 ADVANTAGES = ("baseline", "per_prompt")
@@ -114,6 +114,7 @@ class DDPORunConfig:
     keep_checkpoints: int = 2
     eval_every: int = 10  # ODE check on the held-out training tuples (data.val_count); 0: start and end only
     progress: bool = True
+    trackers: list[str] = field(default_factory=list)  # as SFT's run.trackers: tensorboard, wandb; []: JSONL only
 
 
 @dataclass
@@ -182,6 +183,7 @@ class DDPOConfig:
             if sampler.stochastic_steps < 1:
                 raise ConfigError(f"rollout (ensemble member {i}) has no stochastic step to train on: raise "
                                   "rollout.noise_level or rollout.sde_fraction")
+        check_trackers(self.run.trackers)
         if not self.data.manifest:
             raise ConfigError("data.manifest is required: the JSONL manifest whose training tuples are rolled out")
         if not (self.model.path or self.model.transformer):

@@ -41,11 +41,12 @@ from ..data import load_manifest
 from ..evaluation import sample_images, sampler_config
 from ..files import cache_dir_for
 from ..models import load_model
-from ..runtime import MetricsLog, make_accelerator, spread
+from ..runtime import MetricsLog, make_accelerator, spread, tracking_dir
 from . import state as ddpo_state
 from .config import DDPOConfig
 from .objective import PerPromptStatTracker, RewardBaseline
 from .policy import Policy
+from .report import reward_curve
 from .rollout import JUDGED, REWARD, REWARD_COLUMNS, RequestMaker, iteration_slots, reward_table, sample_and_judge
 from .update import compute_advantages, policy_update
 
@@ -130,9 +131,9 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     from tqdm import tqdm
 
     cfg.validate()
-    accelerator = accelerator or make_accelerator()
-    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     run_dir = Path(cfg.run.out_dir)
+    accelerator = accelerator or make_accelerator(trackers=cfg.run.trackers, run_dir=run_dir)
+    main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ddpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -165,7 +166,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
         baseline.load_state_dict(algo["baseline"])
         tracker.load_state_dict(algo["tracker"])
         log.info("resumed DDPO from %s (%d iterations done)", checkpoint, done)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", main, done if checkpoint is not None else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main, done if checkpoint is not None else None, accelerator,
+                         cfg.run.trackers, project="dualref-ddpo", config=cfg.to_dict())
 
     def held_out_check() -> dict:
         values = {}
@@ -254,6 +256,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                     checkpoint_now(completed, barrier=False)
         finally:
             judge_pool.close(close_judge=owns_judge)
+            metrics.close()
         raise
     bar.close()
     if saved != cfg.ddpo.iterations:
@@ -268,6 +271,11 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
             seed=cfg.run.seed, lr=cfg.optim.lr, max_pixels=cfg.data.max_pixels, precision=cfg.run.precision,
             manifest=cfg.data.manifest)
     judge_pool.close(close_judge=owns_judge)
+    if cfg.run.trackers and main:  # the reward curve so far, as the report stage draws it
+        curve = reward_curve(run_dir / "metrics.jsonl", tracking_dir(run_dir) / "reward_curve.png")
+        if curve is not None:
+            metrics.image("reward curve", curve, cfg.ddpo.iterations)
+    metrics.close()
     accelerator.wait_for_everyone()
     return DDPOResult(run_dir, cfg.ddpo.iterations, lora_path, run_dir / "metrics.jsonl", last_eval)
 

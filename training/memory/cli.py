@@ -15,6 +15,10 @@ Assumptions:
   two unsharded bf16 blocks (the one computing and the one prefetched), no autocast copies.
 - ``fp32``: everything fp32.
 - DDP (no FSDP, world size > 1) keeps a bucket copy of the gradients (PyTorch's default).
+- ``--base-quant int8|fp8`` (``train.base_quant``, one GPU, bf16): the frozen linear weights at one byte
+  plus a per-row scale, dequantised one layer at a time (training.quantize keeps no bf16 copies for
+  backward); ``--optimizer adamw8bit`` (``optim.eightbit``): two uint8 moments plus block scales.
+  ``--fit-table`` prints which of these fit a 24, 48 or 80 GiB GPU (Markdown, for the README).
 - Text encoders (T5-XXL + CLIP-L) and the VAE: ``resident`` on every GPU in the base precision,
   ``offloaded`` to CPU after encoding, or ``cached`` (embeddings and latents precomputed, as
   DualRef's data cache does) -- the last two cost no GPU memory during the step.
@@ -34,6 +38,8 @@ from .model import (
     Dims,
     Tokens,
     activation_peak,
+    QUANT_BYTES,
+    frozen_base_bytes,
     frozen_model_counts,
     image_tokens,
     transformer_counts,
@@ -41,7 +47,10 @@ from .model import (
 
 GIB = 1024 ** 3
 OVERHEAD_GIB = 2.0
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # state bytes per trainable parameter
+# state bytes per trainable parameter; adamw8bit (optim.eightbit, bitsandbytes): two uint8 moments and an fp32
+# scale per 256-weight block each (tensors under 4096 weights keep fp32 moments: at Kontext's width only the
+# final proj_out's 64-row B at low rank, counted as 8-bit here)
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2 + 8 / 256, "sgd": 0}
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Setting:
     fsdp: bool = True
     encoders: str = "cached"
     full_finetune: bool = False
+    base_quant: str = "none"  # none | int8 | fp8 (train.base_quant)
     gpu_gib: float = 80.0
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
 
@@ -73,7 +83,8 @@ class Setting:
         what = "full fine-tuning" if self.full_finetune else f"LoRA rank {self.rank}"
         shard = f"FSDP over {self.world_size} GPUs" if self.fsdp else (
             f"DDP over {self.world_size} GPUs" if self.world_size > 1 else "1 GPU")
-        return (f"{what}; output {self.output[0]}x{self.output[1]}, references {refs}; batch {self.batch}/GPU; "
+        base = "" if self.base_quant == "none" else f"{self.base_quant} base; "
+        return (f"{what}; {base}output {self.output[0]}x{self.output[1]}, references {refs}; batch {self.batch}/GPU; "
                 f"tokens {tok.image} image + {tok.text} text = {tok.total}; {self.precision}; {self.optimizer}; "
                 f"checkpointing {'on' if self.checkpointing else 'off'}; {shard}; encoders {self.encoders}")
 
@@ -84,14 +95,17 @@ def estimate(s: Setting) -> dict:
         raise ValueError(f"precision must be bf16|fp32 and optimizer one of {list(OPTIMIZER_BYTES)}")
     if s.encoders not in ("resident", "offloaded", "cached"):
         raise ValueError("encoders must be resident, offloaded or cached")
+    if s.base_quant != "none" and (s.base_quant not in QUANT_BYTES or s.precision != "bf16" or s.full_finetune
+                                   or s.world_size > 1):
+        raise ValueError("base_quant is int8 or fp8, for a bf16 LoRA on one GPU (as train.base_quant)")
     rank = 0 if s.full_finetune else s.rank
     counts = transformer_counts(rank, tuple(s.targets))
     base_b = 2 if s.precision == "bf16" else 4
     shards = s.world_size if s.fsdp else 1
     trainable = counts["base"] if s.full_finetune else counts["lora"]
-    frozen = 0 if s.full_finetune else counts["base"]
     parts: dict[str, float] = {}
-    parts["frozen base weights"] = frozen * base_b / shards
+    parts["frozen base weights" + ("" if s.base_quant == "none" else f" ({s.base_quant})")] = (
+        0 if s.full_finetune else frozen_base_bytes(counts, base_b, s.base_quant) / shards)
     parts["trainable weights (fp32 master)"] = trainable * 4 / shards
     parts["gradients (fp32)"] = trainable * 4 / shards
     parts[f"optimizer states ({s.optimizer})"] = trainable * OPTIMIZER_BYTES[s.optimizer] / shards
@@ -108,6 +122,8 @@ def estimate(s: Setting) -> dict:
     if act["weight copies"]:
         parts["autocast bf16 weight copies"] = act["weight copies"]
     parts["backward working memory"] = act["working"]
+    if s.base_quant != "none":
+        parts["dequantised layer (transient)"] = counts["largest_linear"] * base_b
     if s.encoders == "resident":
         frozen_models = frozen_model_counts()
         parts["T5-XXL + CLIP-L + VAE (resident)"] = sum(frozen_models.values()) * base_b
@@ -162,14 +178,19 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Setting | None]:
     p.add_argument("--encoders", choices=("resident", "offloaded", "cached"))
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of a LoRA")
     p.add_argument("--gpu-gib", type=float, help="memory per GPU (H100: 80)")
+    p.add_argument("--base-quant", choices=("none", *QUANT_BYTES), help="frozen base quantised (one GPU, bf16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--fit-table", action="store_true",
+                   help="Markdown: one GPU, ranks 16/128/512 at 512² and 1024² (two references of the same size), "
+                        "bf16/fp8 base x AdamW/8-bit AdamW x checkpointing: which fit 24, 48, 80 GiB")
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k != "json" and v is not False}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("json", "fit_table") and v is not False}
     if not given:
         return args, None
     changes = dict(rank=args.rank, output=args.resolution, batch=args.batch, text_tokens=args.text_tokens,
                    precision=args.precision, optimizer=args.optimizer, world_size=args.world_size,
-                   encoders=args.encoders, gpu_gib=args.gpu_gib)
+                   encoders=args.encoders, gpu_gib=args.gpu_gib, base_quant=args.base_quant)
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.refs is not None:
         changes["references"] = tuple(_size(r) for r in args.refs.split(",") if r.strip())
@@ -179,7 +200,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Setting | None]:
         changes["fsdp"] = args.fsdp == "on"
     if args.full_finetune:
         changes["full_finetune"] = True
-    return args, dataclasses.replace(PAPER, **changes)
+    setting = dataclasses.replace(PAPER, **changes)
+    if setting.base_quant != "none" and (setting.world_size > 1 or setting.precision != "bf16"
+                                         or setting.full_finetune):
+        p.error("--base-quant is a one-GPU saver under a bf16 LoRA: add --world-size 1 --fsdp off "
+                "(and no --precision fp32 / --full-finetune)")
+    return args, setting
 
 
 def breakdown_table(result: dict) -> str:
@@ -203,8 +229,56 @@ def scenario_table(results: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+FIT_GPUS = (24, 48, 80)
+
+
+def fit_rows() -> list[dict]:
+    """The one-GPU savers grid: rank x size x base x optimizer x checkpointing, each with its total."""
+    one_gpu = dataclasses.replace(PAPER, world_size=1, fsdp=False)
+    rows = []
+    for rank in (16, 128, 512):
+        for size in (512, 1024):
+            for base in ("none", "fp8"):
+                for optimizer in ("adamw", "adamw8bit"):
+                    for ckpt in (False, True):
+                        s = dataclasses.replace(one_gpu, rank=rank, output=(size, size), references=((size, size),) * 2,
+                                                base_quant=base, optimizer=optimizer, checkpointing=ckpt)
+                        rows.append(dict(setting=s, total=estimate(s)["total"]))
+    return rows
+
+
+def fit_table(rows: list[dict]) -> str:
+    """One line per rank x size x base x optimizer; per checkpointing setting the GiB and the GPUs it fits."""
+    def cell(total: float) -> str:
+        fits = [str(g) for g in FIT_GPUS if total <= g * GIB]
+        return f"{total / GIB:.1f} ({', '.join(fits) if fits else 'none'})"
+
+    head = ["rank", "output + 2 refs", "base", "optimizer", "no checkpointing", "checkpointing"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    by_key = {}
+    for row in rows:
+        s = row["setting"]
+        by_key.setdefault((s.rank, s.output, s.base_quant, s.optimizer), {})[s.checkpointing] = row["total"]
+    for (rank, output, base, optimizer), totals in by_key.items():
+        cells = [str(rank), f"{output[0]}²", "bf16" if base == "none" else base,
+                 "8-bit AdamW" if optimizer == "adamw8bit" else "AdamW", cell(totals[False]), cell(totals[True])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args, setting = parse_args(argv)
+    if args.fit_table:
+        rows = fit_rows()
+        if args.json:
+            print(json.dumps([dict(setting=dataclasses.asdict(r["setting"]), total=r["total"],
+                                   fits={g: r["total"] <= g * GIB for g in FIT_GPUS}) for r in rows], indent=2))
+        else:
+            print("Peak GiB on one GPU (in brackets: which of 24, 48, 80 GiB it fits); encoders cached, batch 1, "
+                  f"512 text tokens, bf16 compute; {OVERHEAD_GIB:g} GiB + 10 % of activations for CUDA context "
+                  "and fragmentation included.\n")
+            print(fit_table(rows))
+        return 0
     if setting is not None:
         result = estimate(setting)
         print(json.dumps(result, indent=2) if args.json else breakdown_table(result))

@@ -172,6 +172,7 @@ def transformer_counts(rank: int, targets: tuple[str, ...] = DEFAULT_TARGETS, co
     with torch.device("meta"):
         model = FluxTransformer2DModel(**cfg)
         base = sum(p.numel() for p in model.parameters())
+        linears = [m for m in model.modules() if type(m) is torch.nn.Linear]  # what train.base_quant quantises
         blocks = [sum(p.numel() for p in b.parameters())
                   for b in (*model.transformer_blocks, *model.single_transformer_blocks)]
         lora = lora_blocks = 0
@@ -182,8 +183,24 @@ def transformer_counts(rank: int, targets: tuple[str, ...] = DEFAULT_TARGETS, co
             lora_blocks = max(sum(p.numel() for n, p in b.named_parameters() if "lora_" in n)
                               for b in (*model.transformer_blocks, *model.single_transformer_blocks))
     return dict(base=base, largest_block=max(blocks), lora=lora, lora_largest_block=lora_blocks,
+                linear_weights=sum(m.weight.numel() for m in linears), linear_rows=sum(m.out_features for m in linears),
+                largest_linear=max(m.weight.numel() for m in linears),
                 width=cfg["num_attention_heads"] * cfg["attention_head_dim"], heads=cfg["num_attention_heads"],
                 double=cfg["num_layers"], single=cfg["num_single_layers"])
+
+
+# train.base_quant (training.quantize, torchao weight-only, per output row): bytes per weight and per row
+# (an fp32 scale; int8 also an int8 zero point). Biases, norms and embeddings stay in the base precision.
+QUANT_BYTES = {"int8": (1, 5), "fp8": (1, 4)}
+
+
+def frozen_base_bytes(counts: dict, base_bytes: int, quant: str = "none") -> int:
+    """Bytes of the frozen transformer: every weight at ``base_bytes``, or its linear weights quantised."""
+    if quant == "none":
+        return counts["base"] * base_bytes
+    per_weight, per_row = QUANT_BYTES[quant]
+    rest = counts["base"] - counts["linear_weights"]
+    return rest * base_bytes + counts["linear_weights"] * per_weight + counts["linear_rows"] * per_row
 
 
 @functools.lru_cache(maxsize=1)

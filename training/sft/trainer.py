@@ -36,6 +36,7 @@ from ..files import cache_dir_for, file_digest
 from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
 from ..lora_io import save_lora
 from ..models import load_model
+from ..quantize import quantize_base
 from ..runtime import MetricsLog, make_accelerator, spread
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ def build_model(cfg: SFTConfig, bundle) -> FlowMatchingModel:
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights in fp32 even over a bf16 base
+        if cfg.train.base_quant != "none":
+            count = quantize_base(transformer, cfg.train.base_quant)
+            log.info("frozen base: %d linear layers quantised to %s", count, cfg.train.base_quant)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -120,8 +124,12 @@ def build_optimizer(cfg: SFTConfig, model: FlowMatchingModel):
     groups = [{"params": main}]
     if model.log_gates is not None:
         groups.append({"params": [model.log_gates], "lr": cfg.lora.gate_lr or cfg.optim.lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.eightbit:  # block-wise 8-bit states; tensors under 4096 weights (the gates) keep 32-bit ones
+        from bitsandbytes.optim import AdamW8bit as adamw
+    else:
+        adamw = torch.optim.AdamW
+    optimizer = adamw(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                      weight_decay=cfg.optim.weight_decay)
     warmup, total, cosine = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule == "cosine"
 
     def factor(step: int) -> float:
@@ -140,9 +148,12 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     from tqdm import tqdm
 
     cfg.validate()
-    accelerator = accelerator or make_accelerator(cfg.train.distributed)
-    main = accelerator.is_main_process
     run_dir = Path(cfg.run.out_dir)
+    accelerator = accelerator or make_accelerator(cfg.train.distributed, cfg.run.trackers, run_dir)
+    main = accelerator.is_main_process
+    if cfg.train.base_quant != "none" and accelerator.num_processes > 1:
+        raise ConfigError(f"train.base_quant is a memory saver for one GPU; with {accelerator.num_processes} "
+                          "processes use train.base_quant=none (or train.distributed=fsdp to shard a bf16 base)")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -175,7 +186,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     if checkpoint is not None:
         log.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint, state.step, state.epoch, state.position)
     device = accelerator.device
-    metrics = MetricsLog(run_dir / "metrics.jsonl", main, state.step if checkpoint else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", main, state.step if checkpoint else None, accelerator,
+                         cfg.run.trackers, project="dualref-sft", config=cfg.to_dict())
     val_indices = spread(len(val_dataset), cfg.run.val_loss_samples) if val_dataset else []
     sampling = sampler_config(bundle.settings, cfg.run.val_steps, model.guidance)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -188,8 +200,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             metrics.write(step=step, val_loss=value)
             if cfg.run.val_samples and not fsdp:  # sampling on one rank needs unsharded weights
                 grid = [val_indices[i] for i in spread(len(val_indices), cfg.run.val_samples)]
-                validation_grid(bundle, model, val_dataset, grid, sampling,
-                                run_dir / "val" / f"step_{step:07d}.png", cfg.train.seed)
+                png = run_dir / "val" / f"step_{step:07d}.png"
+                validation_grid(bundle, model, val_dataset, grid, sampling, png, cfg.train.seed)
+                metrics.image("validation grid", png, step)
         return value
 
     def checkpoint_now(barrier: bool = True) -> None:
@@ -266,6 +279,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             with interrupts.deferred():  # torchrun forwards a second SIGINT: let the save finish first
                 checkpoint_now(barrier=False)
         bar.close()
+        metrics.close()
         raise
     bar.close()
     if state.step != saved_step or not list_checkpoints(run_dir):
@@ -274,6 +288,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     full_state = accelerator.get_state_dict(wrapped) if fsdp else None  # a collective: every rank calls it
     lora_path, transformer_dir = export(cfg, model, run_dir, base_fingerprint, main, state, world, len(dataset),
                                         full_state)
+    metrics.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, last_loss, val_loss, lora_path, transformer_dir,
                        run_dir / "metrics.jsonl")
