@@ -191,7 +191,7 @@ def test_skip_bad_lists_the_bad_lines_of_every_split(micro, world, tmp_path):
     assert [s["line"] for s in skipped] == bad
     assert all(("missing" in s["reason"] and "not found" in s["reason"]) or "not valid JSON" in s["reason"]
                for s in skipped)
-    assert [s["text"] for s in skipped] == [lines[n - 1] for n in bad]
+    assert [s["text"] for s in skipped] == [lines[n - 1][:2000] for n in bad]  # as BadLine.to_json cuts them
 
 
 def test_sample_split_returns_outputs_in_manifest_order(micro, world, tmp_path):
