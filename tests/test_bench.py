@@ -314,6 +314,7 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(tmp_path / "alien"), "--lora", str(alien)]) == 2
     err = capsys.readouterr().err
     assert "alien.safetensors was trained on another base model" in err and "pass the --model" in err
+    assert "0123456789abcdef" in err  # the fingerprints in full, not cut to their (shared) architecture part
     assert main(common + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "nope.safetensors")]) == 2
     assert "LoRA file not found" in capsys.readouterr().err
 
