@@ -123,11 +123,15 @@ def test_an_unknown_judge_profile_fails_before_any_stage(tmp_path, capsys):
     assert not (out / "stages.json").exists()  # no stage ran: not the base, not SFT
 
 
-def test_a_config_that_fails_validation_leaves_a_finished_run_as_it_was(job, capsys):
+def test_a_config_that_fails_validation_leaves_a_finished_run_as_it_was(job, tmp_path, capsys):
     config, out = job
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert main(["--config", str(config), "--out", str(out), "--quiet", "--set", "ddpo.iterations=0"]) == 2
     assert "ddpo.iterations must be > 0" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    assert main(["--config", str(config), "--out", str(out), "--quiet", "--set", f"data.manifest={broken}"]) == 2
+    assert "line 1: not valid JSON" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 

@@ -172,7 +172,7 @@ def check_inputs(cfg: DDPOConfig) -> None:
 
 def check_config(cfg: DDPOConfig, out: Path) -> None:
     """Every check that needs no model: the files and the judge (:func:`check_inputs`), the DDPO config
-    as the stages will see it, and the SFT config; before the run folder is touched."""
+    as the stages will see it, the manifest's lines, and the SFT config; before the run folder is touched."""
     check_inputs(cfg)
     planned = copy.deepcopy(cfg)
     if not planned.data.manifest:
@@ -180,6 +180,10 @@ def check_config(cfg: DDPOConfig, out: Path) -> None:
             raise ConfigError("data.manifest is required (or `world` to generate the toy world)")
         planned.data.manifest = str(out / "world" / "manifest.jsonl")  # what the world stage will write
     planned.validate(need_sft=False)
+    if cfg.data.manifest:  # its lines and images (the toy world's are checked when DDPO reads them)
+        from .loop import read_records
+
+        read_records(cfg)
     if not cfg.lora.sft:
         if not cfg.sft_config:
             raise ConfigError("lora.sft (an SFT LoRA file) or sft_config (an SFT config to run first) is required")
