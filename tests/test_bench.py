@@ -279,6 +279,7 @@ def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(t
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
     from training.evaluation import sample_split
+    from training.models import load_kontext
 
     tasks = ["animal_scene", "style_transfer"]
     common = ["--manifest", str(world), "--model", str(micro), "--tasks", *tasks, "--seed", "3",
@@ -291,7 +292,7 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(stacked), "--lora", str(lora), "--lora2", str(lora2)]) == 0
     assert main(common + ["--out", str(tmp_path / "only2"), "--lora", str(lora2)]) == 0
 
-    expected = sample_split(str(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
+    expected = sample_split(load_kontext(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
                             cache_dir=tmp_path / "cache")
     assert len(expected) == 2 * PER_TASK
     for out in expected:
