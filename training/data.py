@@ -147,24 +147,26 @@ def load_manifest(path, *, skip_bad: bool = False, skipped: list | None = None, 
 def write_skipped(run_dir, manifest, skipped) -> Path | None:
     """Every line a run skipped -- from every split's manifest check (:class:`BadLine`) and every image
     that failed to encode (``(line_no, reason)``) -- in ``<run_dir>/skipped.jsonl``: one entry per
-    manifest line, in line order, with all its reasons. ``None`` when nothing was skipped."""
-    merged: dict[int, BadLine] = {}
+    manifest line, in line order, with all its reasons. ``None`` (and no file) when nothing was skipped."""
+    path = Path(run_dir) / "skipped.jsonl"
+    reasons: dict[int, list[str]] = {}
+    texts: dict[int, str] = {}
     for item in skipped:
         bad = item if isinstance(item, BadLine) else BadLine(int(item[0]), str(item[1]), "")
-        known = merged.setdefault(bad.line_no, BadLine(bad.line_no, bad.reason, bad.text))
-        if bad.reason not in known.reason.split("; "):
-            known.reason += "; " + bad.reason
-        known.text = known.text or bad.text
-    if not merged:
+        if bad.reason not in reasons.setdefault(bad.line_no, []):  # a line bad in every split: listed once
+            reasons[bad.line_no].append(bad.reason)
+        texts[bad.line_no] = texts.get(bad.line_no) or bad.text
+    if not reasons:
+        path.unlink(missing_ok=True)  # an earlier start's list is not this run's
         return None
-    if not all(b.text for b in merged.values()):  # lines that failed at encoding: their text from the manifest
+    if not all(texts.values()):  # lines that failed at encoding: their text from the manifest
         try:
             lines = Path(manifest).read_text().splitlines()
         except OSError:
             lines = []
-        for b in merged.values():
-            b.text = b.text or (lines[b.line_no - 1] if 0 < b.line_no <= len(lines) else "")
-    path = write_text(Path(run_dir) / "skipped.jsonl", "".join(merged[n].to_json() + "\n" for n in sorted(merged)))
+        texts = {n: t or (lines[n - 1] if 0 < n <= len(lines) else "") for n, t in texts.items()}
+    merged = [BadLine(n, "; ".join(reasons[n]), texts[n]) for n in sorted(reasons)]
+    write_text(path, "".join(b.to_json() + "\n" for b in merged))
     log.warning("%d bad manifest line(s) of %s skipped in all; listed in %s", len(merged), manifest, path)
     return path
 
