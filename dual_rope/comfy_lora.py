@@ -26,8 +26,9 @@ from .comfy_adapter import WRAPPER_KEY, apply_position_patch, flux_model_problem
 from .lora_meta import (
     LoraFileError,
     LoraMetadata,
+    LoraMismatchError,
     base_fingerprint,
-    fingerprint_architecture,
+    base_mismatch,
     lora_content_hash,
     lora_modules,
     read_dualref_metadata,
@@ -36,10 +37,6 @@ from .lora_meta import (
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "warn")
-
-
-class LoraMismatchError(ValueError):
-    """The LoRA does not fit the model as it is patched; the message says how to fix it."""
 
 
 @dataclass
@@ -128,16 +125,10 @@ def check_against_model(check: LoraCheck, model_patcher, key_map: dict, fingerpr
     if meta is None:
         check.warnings.append(f"{check.name} has no DualRef metadata: its layout and base model cannot be checked")
         return
-    if meta.base_fingerprint and fingerprint:
-        if fingerprint_architecture(meta.base_fingerprint) != fingerprint_architecture(fingerprint):
-            raise LoraFileError(check.path, f"was trained on a {fingerprint_architecture(meta.base_fingerprint)} "
-                                f"transformer, this model is {fingerprint_architecture(fingerprint)}",
-                                "use the LoRA with the base model it was trained on")
-        if meta.base_fingerprint != fingerprint:
-            check.mismatches.append(
-                f"{check.name} was trained on another base model (fingerprint {meta.base_fingerprint}, this model "
-                f"{fingerprint}); load the FLUX.1 Kontext-dev weights it was trained on")
-    elif meta.base_fingerprint:
+    mismatch = base_mismatch(meta, check.name, check.path, fingerprint)
+    if mismatch:
+        check.mismatches.append(mismatch)
+    elif meta.base_fingerprint and not fingerprint:
         check.warnings.append(f"base model of {check.name} not checked: {fingerprint_note}")
     settings = model_layout(model_patcher)
     if settings is None:

@@ -70,6 +70,10 @@ class LoraMetadataError(ValueError):
     """Metadata that breaks the schema, naming the key."""
 
 
+class LoraMismatchError(ValueError):
+    """The LoRA does not fit the model (another base, another layout); the message says how to fix it."""
+
+
 @dataclass(frozen=True)
 class LoraMetadata:
     """What a DualRef LoRA says about itself (the parsed ``__metadata__``)."""
@@ -346,3 +350,23 @@ def fingerprint_architecture(fingerprint: str) -> str:
     """The ``d..s..w..c..`` part: same architecture <=> same string."""
     m = _FINGERPRINT.match(fingerprint or "")
     return f"d{m[1]}s{m[2]}w{m[3]}c{m[4]}" if m else "unknown"
+
+
+def base_mismatch(meta: LoraMetadata | None, name: str, path, fingerprint: str | None) -> str | None:
+    """A DualRef LoRA against the base it is applied to (the node and the trainers share this check).
+
+    Raises :class:`LoraFileError` naming ``path`` when the architectures differ (it can never
+    work); returns the mismatch message when the weights differ (another base of the same shape),
+    ``None`` when they match or either fingerprint is unknown. Fingerprints are printed in full:
+    their first characters are the architecture, which two bases of one shape share.
+    """
+    if meta is None or not meta.base_fingerprint or not fingerprint:
+        return None
+    trained, model = fingerprint_architecture(meta.base_fingerprint), fingerprint_architecture(fingerprint)
+    if trained != model:
+        raise LoraFileError(path, f"was trained on a {trained} transformer, this model is {model}",
+                            "use the LoRA with the base model it was trained on")
+    if meta.base_fingerprint != fingerprint:
+        return (f"{name} was trained on another base model (fingerprint {meta.base_fingerprint}, this model "
+                f"{fingerprint}); load the FLUX.1 Kontext-dev weights it was trained on")
+    return None

@@ -280,6 +280,7 @@ def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(t
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
     from training.evaluation import sample_split
+    from training.models import load_kontext
 
     tasks = ["animal_scene", "style_transfer"]
     common = ["--manifest", str(world), "--model", str(micro), "--tasks", *tasks, "--seed", "3",
@@ -315,6 +316,7 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(tmp_path / "alien"), "--lora", str(alien)]) == 2
     err = capsys.readouterr().err
     assert "alien.safetensors was trained on another base model" in err and "pass the --model" in err
+    assert "0123456789abcdef" in err  # the fingerprints in full, not cut to their (shared) architecture part
     assert main(common + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "nope.safetensors")]) == 2
     assert "LoRA file not found" in capsys.readouterr().err
 

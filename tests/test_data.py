@@ -9,7 +9,7 @@ from PIL import Image
 
 from sft_helpers import micro_model, micro_world, write_lines
 from training.cache import CachedDataset, EmbeddingCache, prepare_cache
-from training.data import BadManifestError, BucketBatches, fit_size, load_manifest, read_manifest
+from training.data import BadManifestError, BucketBatches, fit_size, load_manifest, read_manifest, write_skipped
 from training.models import load_kontext
 
 
@@ -63,10 +63,15 @@ def test_skip_bad_goes_on_and_lists_what_it_skipped(world, tmp_path):
     rows = [dict(x, images=[f"{world}/{p}" for p in x["images"]], target=f"{world}/{x['target']}") for x in lines[:3]]
     rows[1]["images"] = [str(world / "missing.png")]
     manifest = write_lines(tmp_path / "m.jsonl", rows)
-    records = load_manifest(manifest, skip_bad=True, run_dir=tmp_path / "run")
+    bad = []
+    records = load_manifest(manifest, skip_bad=True, skipped=bad)
     assert [r.line_no for r in records] == [1, 3]
+    # the run's list: the manifest check's line, and one that failed later (at encoding), with its text
+    write_skipped(tmp_path / "run", manifest, bad + [(3, "image x cannot be decoded"), (2, bad[0].reason)])
     skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-    assert [s["line"] for s in skipped] == [2] and "missing.png" in skipped[0]["reason"]
+    assert [s["line"] for s in skipped] == [2, 3] and "missing.png" in skipped[0]["reason"]
+    assert skipped[0]["reason"] == bad[0].reason  # the same reason twice is listed once
+    assert skipped[1] == {"line": 3, "reason": "image x cannot be decoded", "text": json.dumps(rows[2])}
 
 
 def test_fit_size_keeps_aspect_ratio_and_multiples():

@@ -63,6 +63,23 @@ def test_two_iterations_write_metrics_and_a_ddpo_lora(setup, straight):
     assert result.lora_path == out / DDPO_LORA
 
 
+def test_an_sft_lora_of_another_base_fails_before_anything_is_spent(setup, tmp_path, monkeypatch):
+    from sft_helpers import micro_model
+    from training.lora_io import LoraMismatchError
+    from training.models import load_kontext
+
+    model, manifest, lora = setup
+    other = micro_model(tmp_path / "other", seed=1)  # the same architecture, other weights
+    monkeypatch.setattr(ddpo_module, "prepare_data", lambda *a, **k: pytest.fail("data encoded before the check"))
+    with pytest.raises(LoraMismatchError) as err:
+        train_ddpo(ddpo_config(other, manifest, lora, tmp_path / "run"))
+    trained_on, this = load_lora(lora)[1].base_fingerprint, load_kontext(other).base_fingerprint()
+    assert trained_on[:16] == this[:16] and trained_on != this  # cut to 16 characters they read the same
+    assert str(err.value) == (f"{lora} was trained on another base model (fingerprint {trained_on}, this model "
+                              f"{this}); load the FLUX.1 Kontext-dev weights it was trained on")  # DualLoRAApply's
+    assert not (tmp_path / "run").exists()
+
+
 def test_on_policy_ratio_is_one_in_the_loops_recompute(straight):
     """Before any step of an iteration, re-scoring the stored transitions with the sampling policy
     gives back the sampler's log-probs: |ratio - 1| <= 1e-6, although the rollouts were sampled in

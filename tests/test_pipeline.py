@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ddpo_helpers import TASKS, ddpo_values, metrics
+from ddpo_helpers import TASKS, ddpo_values, metrics, micro_setup
+from sft_helpers import micro_model
 from training.ddpo import loop as ddpo_module
-from training.ddpo.pipeline import main
+from training.ddpo.pipeline import main, parse_args, resolve_config
 
 TINY_RECIPE = {"single_train": 16, "single_test": 4, "vae_images": 16, "vae_steps": 10, "base_steps": 4,
                "base_batch": 4, "sample_steps": 3}
@@ -148,3 +149,37 @@ def test_final_evaluation_runs_on_the_runs_device_in_its_precision(job, tmp_path
     (bundle,) = loaded
     assert bundle.device == torch.device("cpu") and bundle.dtype == torch.bfloat16
     assert bundle.transformer.dtype == torch.bfloat16
+
+
+def test_a_config_that_fails_validation_leaves_a_finished_run_as_it_was(job, tmp_path, capsys):
+    config, out = job
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["--config", str(config), "--out", str(out), "--quiet", "--set", "ddpo.iterations=0"]) == 2
+    assert "ddpo.iterations must be > 0" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    assert main(["--config", str(config), "--out", str(out), "--quiet", "--set", f"data.manifest={broken}"]) == 2
+    assert "line 1: not valid JSON" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_an_sft_lora_of_another_base_is_named_before_the_run_folder_is_touched(tmp_path, capsys):
+    model, manifest, lora = micro_setup(tmp_path / "setup")
+    other = micro_model(tmp_path / "other", seed=1)  # the same architecture, other weights
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(ddpo_values(other, manifest, lora, tmp_path / "unused")))
+    out = tmp_path / "run"
+    assert main(["--config", str(config), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{lora} was trained on another base model" in err and "dualref_sft" not in err  # the user's file
+    assert not out.exists()
+
+
+def test_the_run_folder_is_the_configs_out_dir_unless_out_says_otherwise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"run": {"out_dir": str(tmp_path / "mine")}}))
+    assert resolve_config(parse_args(["--config", str(config)]))[1] == tmp_path / "mine"
+    assert resolve_config(parse_args(["--config", str(config), "--out", "x"]))[1] == Path("x")
+    cfg, out = resolve_config(parse_args([]))  # the toy job sets no folder: a new one per run
+    assert out.parent == Path("runs") and out.name.startswith("ddpo-") and cfg.world and cfg.run.out_dir == str(out)

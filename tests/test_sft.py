@@ -165,8 +165,33 @@ def test_cli_trains_and_names_bad_input(micro, world, tmp_path):
     lines = world.read_text().splitlines()
     broken = write_lines(tmp_path / "broken.jsonl", [lines[0].replace('"images/', f'"{world.parent}/images/'),
                                                      "{not json"])
+    finished = (tmp_path / "run" / "config.json").read_bytes()
     bad_data = run("--set", f"data.manifest={broken}")
     assert bad_data.returncode == 2 and "line 2: not valid JSON" in bad_data.stderr
+    no_checkpoint = run("--resume", str(tmp_path / "nope"))
+    assert no_checkpoint.returncode == 2 and "not a checkpoint folder" in no_checkpoint.stderr
+    assert (tmp_path / "run" / "config.json").read_bytes() == finished  # a failed start changes nothing
+
+
+def test_skip_bad_lists_the_bad_lines_of_every_split(micro, world, tmp_path):
+    rows = [json.loads(x) for x in world.read_text().splitlines()]
+    rows = [dict(r, images=[str(world.parent / p) for p in r["images"]], target=str(world.parent / r["target"]))
+            for r in rows]
+    train_rows = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    test_rows = [i for i, r in enumerate(rows) if r["split"] == "test"]
+    for i in train_rows[:2] + test_rows[:1]:
+        rows[i]["images"] = [rows[i]["images"][0], str(tmp_path / f"missing{i}.png")]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, "{not json")  # bad in every split's pass: listed once
+    manifest = write_lines(tmp_path / "m.jsonl", lines)
+    bad = sorted([i + 1 + (i >= 3) for i in train_rows[:2] + test_rows[:1]] + [4])
+    train(sft_config(micro, manifest, tmp_path / "run", data={"skip_bad": True}, train={"max_steps": 1},
+                     run={"val_at_start": False, "val_samples": 0}))
+    skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["line"] for s in skipped] == bad
+    assert all(("missing" in s["reason"] and "not found" in s["reason"]) or "not valid JSON" in s["reason"]
+               for s in skipped)
+    assert [s["text"] for s in skipped] == [lines[n - 1][:2000] for n in bad]  # as BadLine.to_json cuts them
 
 
 def test_sample_split_returns_outputs_in_manifest_order(micro, world, tmp_path):

@@ -3,7 +3,8 @@
 - :func:`read_manifest` checks every line (shape via ``judge.manifest.parse_line``, then the files:
   missing, unreadable, no target) and returns the good records and the bad lines with reasons.
 - :func:`load_manifest` is what the trainer calls: without ``skip_bad`` the first problem stops it
-  with the full list of bad lines; with it, bad lines are skipped and listed in ``skipped.jsonl``.
+  with the full list of bad lines; with it, bad lines are skipped, and :func:`write_skipped` lists
+  every one (all splits, and images that failed to encode) in the run's ``skipped.jsonl``.
 - :func:`fit_size` keeps each image's own aspect ratio (DESIGN contract 1); batches only group
   samples whose (target, ref1, ref2) latent shapes are equal (:class:`BucketBatches`).
 """
@@ -69,8 +70,6 @@ class ManifestReport:
         if self.bad:
             raise BadManifestError(self.path, self.bad, self.total)
 
-    def write_skipped(self, path) -> Path:
-        return write_text(path, "".join(b.to_json() + "\n" for b in self.bad))
 
 
 def check_image(path: Path) -> str | None:
@@ -130,19 +129,46 @@ def read_manifest(path, *, require_target: bool = True, tasks=None, split: str |
     return ManifestReport(path, records, bad, total)
 
 
-def load_manifest(path, *, skip_bad: bool = False, run_dir=None, **kwargs) -> list[Record]:
-    """The good records; bad lines stop the run (listing all) unless ``skip_bad``, which writes them
-    to ``<run_dir>/skipped.jsonl``."""
+def load_manifest(path, *, skip_bad: bool = False, skipped: list | None = None, **kwargs) -> list[Record]:
+    """The good records; bad lines stop the run (listing all) unless ``skip_bad``, which leaves them
+    out and adds them to ``skipped`` (the run writes every pass's list at once: :func:`write_skipped`)."""
     report = read_manifest(path, **kwargs)
     if report.bad and not skip_bad:
         report.raise_if_bad()
     if report.bad:
-        where = report.write_skipped(Path(run_dir) / "skipped.jsonl") if run_dir else None
-        log.warning("skipping %d bad manifest line(s) of %s%s", len(report.bad), path,
-                    f"; listed in {where}" if where else "")
+        log.warning("skipping %d bad manifest line(s) of %s", len(report.bad), path)
+        if skipped is not None:  # before a split without records raises below: its bad lines count too
+            skipped.extend(report.bad)
     if not report.records:
         raise ManifestError(path, 0, "no usable samples (check data.tasks / data.split and the lines above)")
     return report.records
+
+
+def write_skipped(run_dir, manifest, skipped) -> Path | None:
+    """Every line a run skipped -- from every split's manifest check (:class:`BadLine`) and every image
+    that failed to encode (``(line_no, reason)``) -- in ``<run_dir>/skipped.jsonl``: one entry per
+    manifest line, in line order, with all its reasons. ``None`` (and no file) when nothing was skipped."""
+    path = Path(run_dir) / "skipped.jsonl"
+    reasons: dict[int, list[str]] = {}
+    texts: dict[int, str] = {}
+    for item in skipped:
+        bad = item if isinstance(item, BadLine) else BadLine(int(item[0]), str(item[1]), "")
+        if bad.reason not in reasons.setdefault(bad.line_no, []):  # a line bad in every split: listed once
+            reasons[bad.line_no].append(bad.reason)
+        texts[bad.line_no] = texts.get(bad.line_no) or bad.text
+    if not reasons:
+        path.unlink(missing_ok=True)  # an earlier start's list is not this run's
+        return None
+    if not all(texts.values()):  # lines that failed at encoding: their text from the manifest
+        try:
+            lines = Path(manifest).read_text().splitlines()
+        except OSError:
+            lines = []
+        texts = {n: t or (lines[n - 1] if 0 < n <= len(lines) else "") for n, t in texts.items()}
+    merged = [BadLine(n, "; ".join(reasons[n]), texts[n]) for n in sorted(reasons)]
+    write_text(path, "".join(b.to_json() + "\n" for b in merged))
+    log.warning("%d bad manifest line(s) of %s skipped in all; listed in %s", len(merged), manifest, path)
+    return path
 
 
 # -- sizes ------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ from dual_rope.lora_meta import (
     KEY_PREFIX,
     LoraFileError,
     LoraMetadata,
+    LoraMismatchError,
     base_fingerprint,
+    base_mismatch,
     lora_content_hash,
     lora_modules,
     read_dualref_metadata,
@@ -34,7 +36,8 @@ from .files import atomic_path
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LoraFileError", "LoraMetadata", "apply_lora_diffusers", "lora_content_hash", "load_lora",
+    "LoraFileError", "LoraMetadata", "LoraMismatchError", "apply_lora_diffusers", "check_lora_base",
+    "lora_content_hash", "load_lora",
     "peft_lora_tensors", "save_lora", "transformer_fingerprint",
 ]
 
@@ -146,6 +149,13 @@ def save_lora(path, lora, metadata: LoraMetadata | Mapping | None = None, adapte
     return meta
 
 
+def _metadata(path, header) -> LoraMetadata | None:
+    try:
+        return read_dualref_metadata(header)
+    except ValueError as e:
+        raise LoraFileError(path, f"bad DualRef metadata ({e})", "export it again with training.lora_io.save_lora") from e
+
+
 def load_lora(path) -> tuple[dict[str, torch.Tensor], LoraMetadata | None]:
     """``(state dict with file key names, parsed metadata or None)``; clear errors naming the file."""
     from safetensors.torch import load_file
@@ -156,11 +166,24 @@ def load_lora(path) -> tuple[dict[str, torch.Tensor], LoraMetadata | None]:
     except Exception as e:  # safetensors' own message, plus which file and what to do
         raise LoraFileError(path, f"safetensors could not read it ({e})", "export or copy the file again") from e
     lora_modules(state, path)
-    try:
-        meta = read_dualref_metadata(header)
-    except ValueError as e:
-        raise LoraFileError(path, f"bad DualRef metadata ({e})", "export it again with training.lora_io.save_lora") from e
-    return state, meta
+    return state, _metadata(path, header)
+
+
+def check_lora_base(path, fingerprint: str, shown=None) -> LoraMetadata | None:
+    """DualLoRAApply's base check on a LoRA file before anything is spent on it: its header only.
+
+    Raises :class:`LoraFileError` (a bad file, another architecture) or :class:`LoraMismatchError`
+    (another base of the same shape), naming ``shown`` (the user's file, when ``path`` is a copy).
+    Returns the metadata (``None``: no DualRef metadata, nothing to check).
+    """
+    shown = shown or path
+    entries, header, _ = read_safetensors_header(path)
+    lora_modules(entries, shown)
+    meta = _metadata(shown, header)
+    mismatch = base_mismatch(meta, str(shown), shown, fingerprint)
+    if mismatch:
+        raise LoraMismatchError(mismatch)
+    return meta
 
 
 def transformer_fingerprint(transformer) -> str:

@@ -115,15 +115,16 @@ class HeadlessGenerator:
 
     def _check_loras(self) -> list[float] | None:
         """Fail on a LoRA for another base model; warn on a layout mismatch. Returns the learned gates."""
+        from dual_rope.lora_meta import base_mismatch
+
         gates = None
         base = self.bundle.base_fingerprint()
         for path, _, meta in self.loras:
             if meta is None:
                 continue
-            if meta.base_fingerprint and meta.base_fingerprint != base:
-                raise BenchError(f"LoRA {path} was trained on another base model (fingerprint "
-                                 f"{meta.base_fingerprint[:16]}..., this model {base[:16]}...); pass the --model it "
-                                 "was trained on, or a LoRA trained on this one")
+            mismatch = base_mismatch(meta, f"LoRA {path}", path, base)  # DualLoRAApply's check
+            if mismatch:
+                raise BenchError(f"{mismatch} (pass the --model it was trained on, or a LoRA trained on this one)")
             if meta.layout != self.layout:
                 self.warnings.append(f"LoRA {path.name} was trained with layout {meta.layout!r} but is sampled "
                                      f"with {self.layout!r}")

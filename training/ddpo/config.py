@@ -105,7 +105,7 @@ class EvalConfig:
 
 @dataclass
 class DDPORunConfig:
-    out_dir: str = "runs/ddpo"
+    out_dir: str = ""  # the run folder; python -m training.ddpo without it (and --out): a new runs/ddpo-<date>-s<seed>
     seed: int = 0
     layout: str | None = None  # None: the SFT LoRA's layout (a DDPO LoRA must use the layout its SFT LoRA has)
     precision: str = "fp32"  # fp32 | bf16 (frozen base in bf16, DDPO LoRA and log-probs in fp32)
@@ -189,6 +189,8 @@ class DDPOConfig:
         if not (self.model.path or self.model.transformer):
             raise ConfigError("model.path (a diffusers folder, or 'toy') or model.transformer (a single file, with "
                               "model.vae / clip_l / t5) is required")
+        if not self.run.out_dir:
+            raise ConfigError("run.out_dir is required: the run folder (python -m training.ddpo picks one)")
         if need_sft and not self.lora.sft:
             raise ConfigError("lora.sft is required: the SFT LoRA file (python -m training.sft) that DDPO trains "
                               "on top of; or give sft_config to run SFT first")

@@ -37,7 +37,7 @@ from judge.verdict import QUESTIONS, Unjudged
 from .. import interrupts
 from ..cache import CachedDataset, EmbeddingCache, prepare_cache
 from ..config import ConfigError
-from ..data import load_manifest
+from ..data import load_manifest, write_skipped
 from ..evaluation import sample_images, sampler_config
 from ..files import cache_dir_for
 from ..models import load_model
@@ -64,18 +64,26 @@ class DDPOResult:
     eval_reward: float | None  # last ODE check on the held-out training tuples
 
 
-def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path):
+def read_records(cfg: DDPOConfig) -> tuple[list, list]:
+    """The checked manifest records and the skipped lines: read before anything is written."""
+    d, skipped = cfg.data, []
+    records = load_manifest(d.manifest, split=d.split, tasks=d.tasks, skip_bad=d.skip_bad, skipped=skipped,
+                            require_target=False)  # DDPO needs references and instructions, not targets
+    return records, skipped
+
+
+def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path, records, skipped):
     """The training tuples as a cached dataset; ``(dataset, rollout indices, held-out check indices)``."""
     d = cfg.data
-    records = load_manifest(d.manifest, split=d.split, tasks=d.tasks, skip_bad=d.skip_bad, run_dir=run_dir,
-                            require_target=False)  # DDPO needs references and instructions, not targets
     root = cache_dir_for(d.manifest, d.cache_dir)
     cache = EmbeddingCache.for_bundle(root, bundle)
     entries = None
     for first in (True, False):  # the main process encodes; the others then only read the cache
         if first == accelerator.is_main_process:
-            entries, _ = prepare_cache(records, bundle, cache, max_pixels=d.max_pixels, skip_bad=d.skip_bad,
-                                       progress=cfg.run.progress and first, manifest=d.manifest)
+            entries, stats = prepare_cache(records, bundle, cache, max_pixels=d.max_pixels, skip_bad=d.skip_bad,
+                                           progress=cfg.run.progress and first, manifest=d.manifest)
+            if first:
+                write_skipped(run_dir, d.manifest, skipped + list(stats.failed or []))
         accelerator.wait_for_everyone()
     bundle.release("text_encoder", "text_encoder_2")
     dataset = CachedDataset(entries, cache)
@@ -92,10 +100,7 @@ def build_policy(cfg: DDPOConfig, bundle):
     transformer = bundle.transformer
     base_fingerprint = bundle.base_fingerprint()  # of the base itself, before the SFT LoRA is merged in
     sft = ddpo_state.merge_lora_into_base(transformer, cfg.lora.sft)
-    layout = cfg.run.layout or (sft.layout if sft is not None else "diagonal")
-    if sft is not None and sft.layout != layout:
-        raise ConfigError(f"run.layout={layout!r} but the SFT LoRA {cfg.lora.sft} was trained with {sft.layout!r}; "
-                          "the DDPO LoRA must use its SFT LoRA's layout (leave run.layout unset)")
+    layout = cfg.run.layout or (sft.layout if sft is not None else "diagonal")  # checked by check_sft_lora
     gates = list(sft.gates) if sft is not None and sft.gates else None
     if cfg.run.precision == "bf16":
         transformer.to(torch.bfloat16)
@@ -125,24 +130,32 @@ def evaluate_held_out(policy: Policy, bundle, dataset, indices, judge_pool, make
 
 
 def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on_iteration=None,
-               overlap: bool = True) -> DDPOResult:
+               overlap: bool = True, sft_shown=None) -> DDPOResult:
     """Run DDPO as ``cfg`` says, resuming from the run folder's newest checkpoint when there is one.
-    ``on_iteration(i)`` runs after iteration i (tests interrupt from it); ``judge`` replaces the profile's."""
+    ``on_iteration(i)`` runs after iteration i (tests interrupt from it); ``judge`` replaces the profile's;
+    ``sft_shown`` is the SFT LoRA's name in errors (the user's file when ``lora.sft`` is a run folder's copy)."""
     from tqdm import tqdm
 
     cfg.validate()
     run_dir = Path(cfg.run.out_dir)
     accelerator = accelerator or make_accelerator(trackers=cfg.run.trackers, run_dir=run_dir)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
+    if bundle is None:
+        bundle = load_model(cfg.model, device=device, precision=cfg.run.precision)
+    # Before anything is written or spent: an SFT LoRA of another base fails here, not after the budget.
+    ddpo_state.check_sft_lora(cfg.lora.sft, bundle.base_fingerprint(), cfg.run.layout, sft_shown)
+    records, skipped = read_records(cfg)
+    owns_judge = judge is None  # a judge we load we close (HTTP sessions); a given one stays open
+    if judge is None:  # an unknown profile or an unset key fails here too
+        overrides = {"mode": cfg.judge.mode} if cfg.judge.mode else {}
+        judge = load_judge(cfg.judge.profile, config=cfg.judge.config, **overrides)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ddpo_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     accelerator.wait_for_everyone()
-    if bundle is None:
-        bundle = load_model(cfg.model, device=device, precision=cfg.run.precision)
 
-    # -- data, policy, judge ----------------------------------------------------------------------
-    dataset, pool, held_out = prepare_data(cfg, bundle, accelerator, run_dir)
+    # -- data, policy ---------------------------------------------------------------------------
+    dataset, pool, held_out = prepare_data(cfg, bundle, accelerator, run_dir, records, skipped)
     keys = [e.record.sample.id for e in dataset.entries]
     policy, params, base_fingerprint = build_policy(cfg, bundle)
     transformer = policy.transformer
@@ -151,10 +164,6 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     scheduler = ddpo_state.constant_schedule(optimizer)
     baseline = RewardBaseline(cfg.ddpo.baseline_decay)
     tracker = PerPromptStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count, global_std=cfg.ddpo.global_std)
-    owns_judge = judge is None  # a judge we load we close (HTTP sessions); a given one stays open
-    if judge is None:
-        overrides = {"mode": cfg.judge.mode} if cfg.judge.mode else {}
-        judge = load_judge(cfg.judge.profile, config=cfg.judge.config, **overrides)
     judge_pool = JudgePool(judge, workers=cfg.judge.workers)
     make_request = RequestMaker(dataset)
     eval_config = sampler_config(bundle.settings, cfg.rollout.eval_steps)

@@ -1,6 +1,6 @@
 """The main job, ``python -m training.ddpo``: toy world -> tiny base -> SFT -> DDPO -> evaluation.
 
-    python -m training.ddpo                           # the toy job, into runs/ddpo-<date>-s0
+    python -m training.ddpo                           # the toy job, into a new runs/ddpo-<date>-s0
     python -m training.ddpo --seed 1 --out runs/toy/s1
     python -m training.ddpo --out runs/toy/s1         # rerun: finished stages are reused, the rest resumes
     python -m training.ddpo --resume                  # continue the newest runs/ddpo-* folder
@@ -10,6 +10,12 @@
 Without ``--config`` the job runs ``training/configs/toy_ddpo.json``. With one it runs the real thing:
 Kontext files (``model.path`` or the single files), a judge profile (``judge.profile``), a manifest
 (``data.manifest``), and an SFT LoRA (``lora.sft``) or an SFT config to run first (``sft_config``).
+
+The run folder is ``--out``, else the config's ``run.out_dir`` (a rerun continues it), else a new
+``runs/ddpo-<date>-s<seed>``: the toy config sets none, so every plain ``python -m training.ddpo`` is a
+fresh run (``--resume`` continues the newest). Nothing is written there until the config, the files
+and the judge have passed their checks, and a given SFT LoRA its check against the base (the toy
+base: right after it is built, before the SFT LoRA is copied in and before any rollout).
 
 The run folder:
     config.json                the resolved config (a rerun with the same --out continues with it)
@@ -26,6 +32,7 @@ The run folder:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shutil
@@ -40,7 +47,7 @@ from .config import DDPOConfig, ddpo_config_from_dict, load_ddpo_config
 
 log = logging.getLogger(__name__)
 
-TOY_CONFIG = Path(__file__).parent / "configs" / "toy_ddpo.json"
+TOY_CONFIG = Path(__file__).parents[1] / "configs" / "toy_ddpo.json"
 SFT_LORA = "dualref_sft.safetensors"
 RUNS = Path("runs")
 
@@ -82,21 +89,23 @@ class Stages:
 
 def resolve_config(args) -> tuple[DDPOConfig, Path]:
     """The run's config and folder: an existing run's config.json, else --config (default the toy job);
-    then --set / --seed on top."""
-    out = Path(args.out) if args.out else None
+    then --set / --seed on top. The folder: --out, else the config's ``run.out_dir``, else (``--resume``)
+    the newest runs/ddpo-*, else a new runs/ddpo-<date>-s<seed>."""
+    overrides = list(args.overrides) + ([f"run.seed={args.seed}"] if args.seed is not None else [])
+    requested = load_ddpo_config(args.config or TOY_CONFIG, overrides)
+    out = Path(args.out) if args.out else Path(requested.run.out_dir) if requested.run.out_dir else None
     if out is None and args.resume:
         found = sorted((p for p in RUNS.glob("ddpo-*") if (p / "config.json").is_file()), key=lambda p: p.stat().st_mtime)
         if not found:
             raise ConfigError("--resume: no run folder runs/ddpo-* to continue; pass --out DIR")
         out = found[-1]
     stored = out / "config.json" if out is not None else None
-    overrides = list(args.overrides) + ([f"run.seed={args.seed}"] if args.seed is not None else [])
     if stored is not None and stored.is_file() and not args.config:
         cfg = load_ddpo_config(stored, overrides)
     else:
         if args.resume and (stored is None or not stored.is_file()):
             raise ConfigError(f"--resume: {out} holds no run (no config.json); leave out --resume to start it")
-        cfg = load_ddpo_config(args.config or TOY_CONFIG, overrides)
+        cfg = requested
     if out is None:
         out = RUNS / f"ddpo-{datetime.now():%Y%m%d-%H%M%S}-s{cfg.run.seed}"
     cfg.run.out_dir = str(out)
@@ -112,15 +121,20 @@ def make_world(cfg: DDPOConfig, out: Path) -> Path:
     return out / "world" / "manifest.jsonl"
 
 
-def run_sft(cfg: DDPOConfig, out: Path) -> Path:
-    """The SFT config's run into ``<out>/sft`` on this job's model, data and seed; its LoRA -> dualref_sft."""
-    from ..sft.trainer import train
-
+def sft_run_config(cfg: DDPOConfig, out: Path):
+    """The SFT config's run into ``<out>/sft`` on this job's model, data and seed, validated."""
     sft = load_config(cfg.sft_config)
     sft.model = cfg.model
     sft.data.manifest, sft.data.cache_dir = cfg.data.manifest, cfg.data.cache_dir
     sft.train.seed, sft.run.out_dir, sft.run.progress = cfg.run.seed, str(out / "sft"), cfg.run.progress
-    result = train(sft.validate(), resume="auto")
+    return sft.validate()
+
+
+def run_sft(cfg: DDPOConfig, out: Path) -> Path:
+    """The SFT run (:func:`sft_run_config`); its LoRA -> dualref_sft."""
+    from ..sft.trainer import train
+
+    result = train(sft_run_config(cfg, out), resume="auto")
     if result.lora_path is not None:  # the main process; never half a file
         with atomic_path(out / SFT_LORA) as tmp:
             shutil.copyfile(result.lora_path, tmp)
@@ -156,6 +170,37 @@ def check_inputs(cfg: DDPOConfig) -> None:
                           "(e.g. training/configs/toy_sft.json)")
 
 
+def check_config(cfg: DDPOConfig, out: Path) -> None:
+    """Every check that needs no model: the files and the judge (:func:`check_inputs`), the DDPO config
+    as the stages will see it, the manifest's lines, and the SFT config; before the run folder is touched."""
+    check_inputs(cfg)
+    planned = copy.deepcopy(cfg)
+    if not planned.data.manifest:
+        if not planned.world:
+            raise ConfigError("data.manifest is required (or `world` to generate the toy world)")
+        planned.data.manifest = str(out / "world" / "manifest.jsonl")  # what the world stage will write
+    planned.validate(need_sft=False)
+    if cfg.data.manifest:  # its lines and images (the toy world's are checked when DDPO reads them)
+        from .loop import read_records
+
+        read_records(cfg)
+    if not cfg.lora.sft:
+        if not cfg.sft_config:
+            raise ConfigError("lora.sft (an SFT LoRA file) or sft_config (an SFT config to run first) is required")
+        sft_run_config(planned, out)
+
+
+def checked_model(cfg: DDPOConfig, accelerator, shown):
+    """The model DDPO will train on, with the SFT LoRA ``cfg.lora.sft`` checked against its base
+    (:func:`training.ddpo.state.check_sft_lora`, named ``shown``). The transformer loads here, once."""
+    from ..models import load_model
+    from .state import check_sft_lora
+
+    bundle = load_model(cfg.model, device=accelerator.device, precision=cfg.run.precision)
+    check_sft_lora(cfg.lora.sft, bundle.base_fingerprint(), cfg.run.layout, shown)
+    return bundle
+
+
 def _recorded_base(record: Path) -> str | None:
     try:
         path = json.loads(record.read_text())["path"]
@@ -177,9 +222,15 @@ def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
     from ..runtime import make_accelerator
     from .loop import DDPO_LORA, train_ddpo
 
-    check_inputs(cfg)  # before any stage: a typo must not cost a base build or an SFT run
+    check_config(cfg, out)  # before any stage: a typo must not cost a base build or an SFT run
     accelerator = accelerator or make_accelerator()
     main = accelerator.is_main_process
+    # The user's SFT LoRA (the run folder keeps a copy, but errors name the user's file).
+    user_sft = cfg.lora.sft if cfg.lora.sft and Path(cfg.lora.sft).resolve() != (out / SFT_LORA).resolve() else None
+    to_train = not ddpo_done(cfg, out)
+    bundle = None
+    if user_sft and to_train and cfg.model.path != "toy":  # a LoRA of another base fails before anything is written
+        bundle = checked_model(cfg, accelerator, user_sft)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, main)
     if main:
@@ -189,8 +240,6 @@ def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
                         stored)
         stored.write_text(json.dumps(cfg.to_dict(), indent=1))
     if not cfg.data.manifest:
-        if not cfg.world:
-            raise ConfigError("data.manifest is required (or `world` to generate the toy world)")
         manifest = out / "world" / "manifest.jsonl"
         if main:
             stages.run("world", False, make_world, cfg, out)
@@ -205,17 +254,19 @@ def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
             stages.run("base", known is not None, _build_toy_base, cfg, record)
         accelerator.wait_for_everyone()
         cfg.model.path = json.loads(record.read_text())["path"]
-    if cfg.lora.sft and Path(cfg.lora.sft).resolve() != (out / SFT_LORA).resolve():
+        if user_sft and to_train:  # the toy base is known only now: still before the copy and any rollout
+            bundle = checked_model(cfg, accelerator, user_sft)
+    if user_sft:
         if main and not (out / SFT_LORA).is_file():
             shutil.copyfile(cfg.lora.sft, out / SFT_LORA)  # the run folder holds both LoRAs it used
         accelerator.wait_for_everyone()
     elif not cfg.lora.sft:
-        if not cfg.sft_config:
-            raise ConfigError("lora.sft (an SFT LoRA file) or sft_config (an SFT config to run first) is required")
         stages.run("sft", (out / SFT_LORA).is_file(), run_sft, cfg, out)
         accelerator.wait_for_everyone()
     cfg.lora.sft = str(out / SFT_LORA)
-    stages.run("ddpo", ddpo_done(cfg, out), train_ddpo, cfg, accelerator=accelerator)
+    stages.run("ddpo", not to_train, train_ddpo, cfg, accelerator=accelerator, bundle=bundle,
+               sft_shown=user_sft)
+    bundle = None  # evaluation loads its own model: not two transformers at once
     summary = None
     if main:
         from .report import evaluate_and_report
@@ -230,11 +281,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.ddpo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--config", help="JSON or YAML (see training/ddpo/config.py); default: the toy job "
-                   f"({TOY_CONFIG.relative_to(Path(__file__).parents[1])})")
+    p.add_argument("--config", help="JSON, YAML or TOML (see training/ddpo/config.py); default: the toy job "
+                   f"({TOY_CONFIG.relative_to(Path(__file__).parents[2])})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. --set ddpo.iterations=50 (repeatable; values are JSON)")
-    p.add_argument("--out", help="run folder (default: a new runs/ddpo-<date>-s<seed>); an existing one is continued")
+    p.add_argument("--out", help="run folder (default: the config's run.out_dir, else a new runs/ddpo-<date>-s<seed>); "
+                   "an existing one is continued")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the newest runs/ddpo-*)")
     p.add_argument("--seed", type=int, help="run.seed (SFT and DDPO; the toy world and base stay fixed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -260,8 +312,6 @@ def _main(argv=None) -> int:
     out = args.out
     try:
         cfg, out = resolve_config(args)
-        if cfg.data.manifest:
-            cfg.validate(need_sft=False)  # a bad value fails now, before any stage runs
         print(f"run folder: {out}")
         summary = run_pipeline(cfg, out)
     except (ConfigError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as e:

@@ -16,12 +16,26 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from ..config import ConfigError
 from ..files import file_digest
-from ..lora_io import LoraFileError, load_lora, lora_content_hash, save_lora
+from ..lora_io import LoraFileError, check_lora_base, load_lora, lora_content_hash, save_lora
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "ddpo"
+
+
+def check_sft_lora(path, fingerprint: str, layout: str | None, shown=None) -> "LoraMetadata | None":  # noqa: F821
+    """The SFT LoRA against the base and ``run.layout`` before any data is encoded or rollout sampled:
+    DualLoRAApply's check (another architecture or base is an error naming ``shown``, the user's file)."""
+    shown = shown or path
+    meta = check_lora_base(path, fingerprint, shown)
+    if meta is None:
+        log.warning("%s has no DualRef metadata: its base model and layout cannot be checked", shown)
+    elif layout and meta.layout != layout:
+        raise ConfigError(f"run.layout={layout!r} but the SFT LoRA {shown} was trained with {meta.layout!r}; "
+                          "the DDPO LoRA must use its SFT LoRA's layout (leave run.layout unset)")
+    return meta
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from ..checkpoint import (
     save_sharded_checkpoint,
 )
 from ..config import ConfigError, SFTConfig
-from ..data import BucketBatches, load_manifest
+from ..data import BucketBatches, load_manifest, write_skipped
 from ..evaluation import sampler_config, validation_grid, validation_loss
 from ..files import cache_dir_for, file_digest
 from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
@@ -57,15 +57,22 @@ def _cache_dir(cfg: SFTConfig) -> Path:
     return cache_dir_for(cfg.data.manifest, cfg.data.cache_dir)
 
 
-def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path):
-    """Checked records -> cache -> (train dataset, val dataset or None)."""
-    common = dict(skip_bad=cfg.data.skip_bad, run_dir=run_dir, tasks=cfg.data.tasks)
+def read_data(cfg: SFTConfig) -> tuple[list, list, list]:
+    """The checked manifest records ``(training, held-out, skipped lines)``: read before anything is written."""
+    skipped: list = []
+    common = dict(skip_bad=cfg.data.skip_bad, skipped=skipped, tasks=cfg.data.tasks)
     records = load_manifest(cfg.data.manifest, split=cfg.data.split, **common)
     try:
         val_records = load_manifest(cfg.data.manifest, split=cfg.data.val_split, **common) if cfg.data.val_split else []
     except ValueError as e:  # no held-out samples: train without validation rather than fail
         log.warning("no validation samples (%s)", str(e).splitlines()[0])
         val_records = []
+    task_repeats(cfg, [r.sample.task for r in records])  # a task_repeats typo fails now, not after the cache
+    return records, val_records, skipped
+
+
+def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path, records, val_records, skipped):
+    """Checked records -> cache -> (train dataset, val dataset or None); every skipped line -> skipped.jsonl."""
     cache = EmbeddingCache.for_bundle(_cache_dir(cfg), bundle)
     args = dict(max_pixels=cfg.data.max_pixels, skip_bad=cfg.data.skip_bad, manifest=cfg.data.manifest)
     datasets = []
@@ -75,16 +82,18 @@ def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path):
                 entries, stats = prepare_cache(recs, bundle, cache, progress=cfg.run.progress and first, **args)
                 datasets.append(CachedDataset(entries, cache, preload=cfg.data.preload) if entries else None)
                 if first:
+                    skipped = skipped + list(stats.failed or [])
                     log.info("cache %s: images %d cached + %d encoded, texts %d cached + %d encoded", cache.root,
                              stats.images_cached, stats.images_computed, stats.texts_cached, stats.texts_computed)
+            if first:
+                write_skipped(run_dir, cfg.data.manifest, skipped)
         accelerator.wait_for_everyone()
     bundle.release("text_encoder", "text_encoder_2")
     return datasets[0], datasets[1]
 
 
-def task_repeats(cfg: SFTConfig, dataset: CachedDataset) -> list[int]:
+def task_repeats(cfg: SFTConfig, tasks: list[str]) -> list[int]:
     """Each training sample's count per epoch (``data.task_repeats``; 1 for tasks it does not name)."""
-    tasks = [e.record.sample.task for e in dataset.entries]
     unknown = sorted(set(cfg.data.task_repeats) - set(tasks))
     if unknown:
         raise ConfigError(f"data.task_repeats names {', '.join(unknown)}, which no training sample has; "
@@ -151,12 +160,14 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     run_dir = Path(cfg.run.out_dir)
     accelerator = accelerator or make_accelerator(cfg.train.distributed, cfg.run.trackers, run_dir)
     main = accelerator.is_main_process
-    if cfg.train.base_quant != "none" and accelerator.num_processes > 1:
-        raise ConfigError(f"train.base_quant is a memory saver for one GPU; with {accelerator.num_processes} "
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.train.base_quant != "none" and world > 1:
+        raise ConfigError(f"train.base_quant is a memory saver for one GPU; with {world} "
                           "processes use train.base_quant=none (or train.distributed=fsdp to shard a bf16 base)")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {world} processes")
+    local = cfg.data.batch_size // world
+    checkpoint = find_checkpoint(resume, run_dir)
     torch.manual_seed(cfg.train.seed)
     if bundle is None:
         # full mode trains every weight in fp32 (FlowMatchingModel's autocast does the bf16 compute)
@@ -164,19 +175,20 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
         bundle = load_model(cfg.model, device=accelerator.device, precision=precision)
 
     # -- data -----------------------------------------------------------------------------------
-    dataset, val_dataset = prepare_data(cfg, bundle, accelerator, run_dir)
-    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed, task_repeats(cfg, dataset))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.data.batch_size % world:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the {world} processes")
-    local = cfg.data.batch_size // world
+    records, val_records, skipped = read_data(cfg)
+    # Everything above only reads: a run that fails its checks leaves an existing run folder as it was.
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    dataset, val_dataset = prepare_data(cfg, bundle, accelerator, run_dir, records, val_records, skipped)
+    tasks = [e.record.sample.task for e in dataset.entries]
+    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed, task_repeats(cfg, tasks))
 
     # -- model, optimizer, resume ---------------------------------------------------------------
     base_fingerprint = bundle.base_fingerprint()
     model = build_model(cfg, bundle)
     optimizer, scheduler = build_optimizer(cfg, model)
     state = TrainState()
-    checkpoint = find_checkpoint(resume, run_dir)
     fsdp = cfg.train.distributed == "fsdp"  # sharded weights: accelerate saves/loads the state (GPU only)
     if checkpoint is not None and not fsdp:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
