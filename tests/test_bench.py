@@ -242,8 +242,13 @@ def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(t
     with judge.server:
         argv = ["--manifest", str(manifest), "--model", str(micro), "--judge", "toy", "--judge", "loop",
                 "--judge-config", str(judge.config(tmp_path)), "--out", str(out)] + FAST
-        assert main(argv) == 0
-        printed = capsys.readouterr().out
+        assert main(argv) == 1  # samples without a verdict: not a full result (issue 20)
+        captured = capsys.readouterr()
+        printed = captured.out
+        assert "judge toy-binary: 1 of 10 samples have no verdict (1 without output, 0 unjudged" in captured.err
+        assert "judge loop-binary: 2 of 10 samples have no verdict (1 without output, 1 unjudged" in captured.err
+        assert f"{broken['id']}: missing: " in captured.err and "not found" in captured.err
+        assert f"{flaky['id']}: unjudged: " in captured.err and "500" in captured.err
         n = 5 * PER_TASK
         toy = json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())
         loop = json.loads((out / "judge" / "loop-binary" / "summary.json").read_text())
@@ -269,11 +274,56 @@ def test_two_judges_side_by_side_with_an_unjudged_sample_and_a_generator_error(t
         assert report.count("unjudged:") == 1 and "no output: reference 1 " in report
 
         judge.failing = None  # the judge recovers; the reference is still missing
-        assert main(argv) == 0
+        assert main(argv) == 1 and "1 of 10 samples have no verdict" in capsys.readouterr().err
+        assert main(argv + ["--allow-missing", "0.1"]) == 0  # a stated tolerance: 1 of 10 is accepted
     loop = json.loads((out / "judge" / "loop-binary" / "summary.json").read_text())
     assert loop["overall"]["n_judged"] == n - 1 and loop["overall"]["n_unjudged"] == 0
     errors = [r for r in lines(out / "generated.jsonl") if r["status"] == "error"]
-    assert [r["id"] for r in errors] == [broken["id"]] * 2  # retried on the rerun, still reported
+    assert [r["id"] for r in errors] == [broken["id"]] * 3  # retried on each rerun, still reported
+
+
+def test_no_judge_given_never_picks_the_toy_judge_for_other_data_and_failures_exit_1(tmp_path, micro, world,
+                                                                                        capsys, monkeypatch):
+    """A manifest whose plans are not toy-world plans (a synthesized one) and no --judge: the configured
+    default profile judges, and says so. A judge that is down or a generation that fails everywhere
+    makes the run exit 1 with the reasons on the console, not 0."""
+    monkeypatch.delenv("DUALREF_JUDGE_PROFILE", raising=False)
+    manifest = copy_world(world, tmp_path / "world")
+    rows = [json.loads(t) for t in manifest.read_text().splitlines()]
+    for row in rows:
+        row["plan"] = {"task": row["task"], "instruction": row["instruction"]}  # an LLM plan: no toy version
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "judges.json"
+    profile = {"model": "loop-vlm", "max_retries": 1, "backoff_base_s": 0.01, "parse_retries": 0, "cache": False}
+    # nothing listens on port 9: every question is refused
+    config.write_text(json.dumps({"profiles": {"loop": {**profile, "base_url": "http://127.0.0.1:9/v1"}}}))
+    argv = ["--manifest", str(manifest), "--model", str(micro), "--tasks", "animal_scene", "--judge-config",
+            str(config), "--out", str(tmp_path / "run")] + FAST
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "judge: loop (the configured default profile)" in captured.out
+    assert "judge loop-binary: 2 of 2 samples have no verdict (0 without output, 2 unjudged" in captured.err
+    assert "animal_scene-test-00000: unjudged: " in captured.err and "onnect" in captured.err
+
+    judge = HttpJudge("")
+    config.write_text(json.dumps({"profiles": {"loop": {**profile, "base_url": judge.server.base_url}}}))
+    with judge.server:
+        assert main(argv) == 0
+    assert "judge loop-binary: 2 judged, 0 unjudged" in capsys.readouterr().out
+
+    only_toy = tmp_path / "toy.json"  # no VLM profile configured: refuse, do not fall back to the toy judge
+    only_toy.write_text(json.dumps({"profiles": {}}))
+    assert main(argv[:-len(FAST) - 2] + ["--judge-config", str(only_toy), "--out", str(tmp_path / "r2")] + FAST) == 2
+    assert "not toy-world samples" in capsys.readouterr().err
+
+    for image in (manifest.parent).rglob("*.png"):  # every reference gone: every generation fails
+        image.unlink()
+    judge = HttpJudge("")
+    config.write_text(json.dumps({"profiles": {"loop": {**profile, "base_url": judge.server.base_url}}}))
+    with judge.server:
+        assert main(argv[:-len(FAST) - 2] + ["--out", str(tmp_path / "r3")] + FAST) == 1
+    err = capsys.readouterr().err
+    assert "2 of 2 samples have no verdict (2 without output" in err and "not found" in err
 
 
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------

@@ -13,14 +13,21 @@ base on the DualShapes toy world's test split with the toy judge (building both 
 
 A run folder (``--out``, default ``runs/bench/<label>``) holds the outputs (``outputs/<id>.png``),
 the verdicts per judge (``judge/<profile>-<mode>/verdicts.jsonl``), ``table2.md``/``.json`` and
-``report.html``; its layout is described in training/bench_run.py. Rerunning the same command
+``report.html``; its layout is described in training/bench/run_folder.py. Rerunning the same command
 resumes: existing outputs are reused, judged samples are not judged again, and samples that failed
 (generator error, unjudged) are retried. Failures are reported and counted, never scored 0.
+
+Without ``--judge`` the judge is the toy judge for toy-world manifests (every sample has a toy-world
+plan), else the configured default profile (judge/config.py); the choice is printed.
+Exit status: 0 every sample has an output and a verdict from every judge (or the shortfall is within
+``--allow-missing``), 1 some are missing (the tables are written; the first reasons are printed),
+2 a bad request (manifest, model, LoRA, judge profile), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -67,7 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i of the selection gets seed*1000003+i")
     p.add_argument("--batch-size", type=int, default=16, help="headless sampling batch")
     p.add_argument("--judge", action="append", default=[], metavar="PROFILE",
-                   help="judge profile; repeat for several judges side by side (default: toy for toy data)")
+                   help="judge profile; repeat for several judges side by side (default: the configured default "
+                   "profile; the toy judge for toy-world manifests)")
+    p.add_argument("--allow-missing", type=fraction, default=0.0, metavar="FRACTION",
+                   help="exit 0 even when up to this fraction of the samples has no output or no verdict "
+                   "(default 0: any such sample makes the run exit 1)")
     p.add_argument("--judge-config", type=Path, help="judges config file (default: see judge/config.py)")
     p.add_argument("--judge-mode", choices=("binary", "probability"), help="override the profiles' mode")
     p.add_argument("--concurrency", type=int, help="override the judge profiles' concurrency")
@@ -101,16 +112,74 @@ def default_manifest() -> Path:
     return manifest
 
 
-def default_judges(selected, config) -> list[str]:
-    if all(isinstance(s.sample.plan, dict) for s in selected):
-        return ["toy"]
-    from judge.config import default_profile_name, load_profiles
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1] (e.g. 0.05 for 5%%)")
+    return value
 
+
+def is_toy_world(selected) -> bool:
+    """Every sample carries a DualShapes plan of the version the toy judge reads (a synthesized
+    manifest's LLM plans do not)."""
+    from judge.toy import PLAN_VERSION
+
+    return all(isinstance(s.sample.plan, dict) and s.sample.plan.get("version") == PLAN_VERSION for s in selected)
+
+
+def default_judges(selected, config) -> list[str]:
+    """No ``--judge``: the toy judge for toy-world samples, else the configured default profile; the
+    choice is printed, never made silently."""
+    from judge.config import PROFILE_ENV, default_profile_name, load_profiles
+
+    if is_toy_world(selected):
+        print("judge: toy (every sample has a toy-world plan); pass --judge PROFILE for another")
+        return ["toy"]
     name = default_profile_name(load_profiles(config))
     if name == "toy":
-        raise BenchError("these samples have no toy-world plans, so the toy judge cannot score them; pass "
-                         "--judge PROFILE (an OpenAI-compatible VLM profile, see judge/judges.example.json)")
+        raise BenchError("these samples are not toy-world samples (no toy-world plans), so the toy judge cannot "
+                         "score them, and no other judge profile is configured; pass --judge PROFILE (an "
+                         "OpenAI-compatible VLM profile, see judge/judges.example.json) or --judge-config FILE")
+    why = f"${PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else "the configured default profile"
+    print(f"judge: {name} ({why}); pass --judge PROFILE for another")
     return [name]
+
+
+def unscored(run: RunDir, summaries: dict, allow: float) -> list[str]:
+    """Why the run is not a full result: per judge, the samples left without an output or a verdict
+    when they are more than ``allow`` of the whole; empty when the run may exit 0."""
+    problems = []
+    for key, summary in summaries.items():
+        total = summary.get("n_samples") or 0
+        o = summary.get("overall", {})
+        short = total - o.get("n_judged", 0)
+        if short == 0 or (total and short / total <= allow):
+            continue
+        errors = summary.get("generator_errors") or {}
+        ids = [s.id for s in run.samples()]
+        records = run.verdicts(key)
+        reasons = [f"{i}: " + (f"{records[i].get('status')}: {errors.get(i) or records[i].get('reason')}"
+                               if i in records else "not judged (interrupted?)")
+                   for i in ids if records.get(i, {}).get("status") != "judged"]
+        counts = ", ".join(f"{o.get('n_' + s, 0)} {label}" for s, label in
+                           (("missing", "without output"), ("unjudged", "unjudged"), ("bad_input", "bad input")))
+        problems.append(f"[{run.label()}] judge {key}: {short} of {total} samples have no verdict ({counts}); "
+                        f"--allow-missing is {allow:g}. First reasons:\n"
+                        + "\n".join(f"    {r}" for r in reasons[:5]))
+    return problems
+
+
+def report_unscored(problems: list[str]) -> int:
+    if not problems:
+        return 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print("the results above are incomplete: fix the cause and rerun the same command (finished samples are kept), "
+          "or pass --allow-missing FRACTION to accept them", file=sys.stderr)
+    return 1
 
 
 def _loras(args) -> list[tuple[str, float]]:
@@ -206,7 +275,7 @@ def table2(args) -> int:
     print()
     print(table_text(tables))
     print(f"results: {md}, {js}, {report}")
-    return 0
+    return report_unscored(unscored(run, summaries, args.allow_missing))
 
 
 def table1(args) -> int:
@@ -244,7 +313,7 @@ def table1(args) -> int:
     if not loras:
         print("(pass --lora to add the fine-tuned row)")
     print(f"results: {md}, {js}, {report}")
-    return 0
+    return report_unscored([p for _, summaries, run in runs for p in unscored(run, summaries, args.allow_missing)])
 
 
 def compare(args) -> int:
