@@ -13,6 +13,7 @@ import io
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class FakeAPI:
         self.plan_rule = plan_rule
         self.chat_faults: list[int] = []  # statuses to answer next, in order
         self.image_faults: list[int] = []
+        self.image_delay_s = 0.0  # seconds each image takes (requests overlap at concurrency > 1)
         self.chat_log: list[dict] = []  # one entry per answered (200) chat request
         self.image_log: list[dict] = []
         self.faults_served: list[tuple[str, int]] = []
@@ -124,6 +126,7 @@ class FakeAPI:
                 "usage": {"prompt_tokens": 1000, "completion_tokens": 200}}
 
     def image(self, path, content_type, body):
+        time.sleep(self.image_delay_s)
         if path.endswith("/images/edits"):
             msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                 f"Content-Type: {content_type}\r\n\r\n".encode() + body)

@@ -245,10 +245,15 @@ def test_cli_generations_cost_budget_and_rerun(tmp_path):
         run = run_cli("--config", tmp_path / "synth.json")
         assert run.returncode == 3, run.stderr
         assert "stopped early: cost budget reached" in run.stderr and SECRET not in run.stderr + run.stdout
-        assert len(read_manifest(tmp_path / "out")) == 2
+        # plan $0.002 + image $0.50, twice, is $1.004: the second image does not fit under $1 and is not asked
+        assert len(read_manifest(tmp_path / "out")) == 1 and len(api.image_log) == 1
+        spent = json.loads(run.stdout)["budget"]
+        assert spent["total_cost_usd"] == pytest.approx(0.504) and spent["total_cost_usd"] <= 1.0
+        assert "spent $0.5040 of the $1 cap over all runs of this folder" in run.stderr
         run = run_cli("--config", tmp_path / "synth.json", "--max-cost", 10)
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["tasks"]["person_scene"]["kept"] == 3
+        assert json.loads(run.stdout)["budget"]["total_cost_usd"] == pytest.approx(3 * 0.502)
     finally:
         api.close()
     samples = read_manifest(tmp_path / "out")
@@ -256,6 +261,38 @@ def test_cli_generations_cost_budget_and_rerun(tmp_path):
     for s, call in zip(samples, api.image_log):
         assert call["response_format"] == "b64_json" and call["prompt"].startswith(s.instruction)
         assert Image.open(tmp_path / "out" / s.target).getpixel((0, 0)) == (len(call["prompt"]) % 256, 7, 7)
+
+
+def test_cost_cap_holds_at_concurrency_8_and_a_rerun_continues_the_budget(tmp_path, api_key):
+    """Images take 0.2 s, eight pairs in flight: each image's price is reserved before it is sent, so
+    $0.25 buys two $0.10 images, not eight. A rerun (scope total) counts that spend and buys nothing
+    more; --budget-scope run gives the rerun a cap of its own."""
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    api.image_delay_s = 0.2
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3", "c1", "c2"])
+        base_config(tmp_path, api, pools, {"group_portrait": 3, "clothing_replace": 6}, concurrency=8,
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "price_per_image": 0.1},
+                    budget={"max_cost_usd": 0.25})
+        cfg = load_config(tmp_path / "synth.json")
+        cfg.llm.profile = cfg.llm.profile.with_overrides(price_input_per_mtok=0.0, price_output_per_mtok=0.0)
+        first = run_synthesis(cfg, progress=False)
+        assert first["stopped"] == "cost budget reached"
+        assert len(api.image_log) == 2 and first["budget"]["cost_usd"] == pytest.approx(0.2)
+        ledger = json.loads((tmp_path / "out" / "spend.json").read_text())
+        assert ledger["total_usd"] == pytest.approx(0.2)
+
+        second = run_synthesis(cfg, progress=False)  # scope total: $0.05 left, an image costs $0.10
+        assert second["stopped"] == "cost budget reached" and len(api.image_log) == 2
+        assert second["budget"]["total_cost_usd"] == pytest.approx(0.2)
+
+        cfg.budget_scope = "run"
+        third = run_synthesis(cfg, progress=False)
+        assert len(api.image_log) == 4 and third["budget"]["cost_usd"] == pytest.approx(0.2)
+        assert third["budget"]["total_cost_usd"] == pytest.approx(0.4)
+    finally:
+        api.close()
+    assert len(read_manifest(tmp_path / "out")) == 4
 
 
 def test_cli_config_errors_name_the_fix(tmp_path):

@@ -14,7 +14,7 @@ A JSON, YAML or TOML file; relative paths are relative to the file::
       "image": {"base_url": "https://api.openai.com/v1", "model": "gpt-image-1", "api_key_env": "OPENAI_API_KEY",
                 "endpoint": "edits", "size": "1024x1024", "price_per_image": 0.04},      # optional
       "judge": {"profile": "gpt5", "threshold": 0.67},                                     # optional
-      "budget": {"max_requests": 5000, "max_cost_usd": 50}                                  # optional
+      "budget": {"max_requests": 5000, "max_cost_usd": 50, "scope": "total"}               # optional
     }
 
 ``llm`` and ``image`` take the judge profile's connection fields (``base_url``, ``model``,
@@ -93,6 +93,7 @@ class SynthConfig:
     judge_threshold: float = 2.0 / 3.0
     max_requests: int | None = None
     max_cost_usd: float | None = None
+    budget_scope: str = "total"  # "total": max_cost_usd covers every run of ``out``; "run": this run only
     seed: int = 0
     test_fraction: float = 0.1
     concurrency: int = 1
@@ -188,19 +189,22 @@ def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfi
                               f"{{target_description}} only ({type(e).__name__}: {e})") from None
     judge = data.get("judge") or {}
     budget = data.get("budget") or {}
-    unknown = sorted(set(judge) - {"profile", "threshold"}) + sorted(set(budget) - {"max_requests", "max_cost_usd"})
+    unknown = sorted(set(judge) - {"profile", "threshold"}) + sorted(set(budget) - {"max_requests", "max_cost_usd", "scope"})
     if unknown:
         raise ConfigError(f"{source}: unknown judge/budget field(s) {', '.join(unknown)}")
     cfg = SynthConfig(
         out=(base / data.get("out", "synth_out")).resolve(), pools=pools, tasks=tasks, llm=llm, themes=themes,
         image=image, judge_profile=judge.get("profile"), judge_threshold=float(judge.get("threshold", 2.0 / 3.0)),
         max_requests=budget.get("max_requests"), max_cost_usd=budget.get("max_cost_usd"),
+        budget_scope=budget.get("scope", "total"),
         seed=int(data.get("seed", 0)), test_fraction=float(data.get("test_fraction", 0.1)),
         concurrency=int(data.get("concurrency", 1)), max_plan_attempts=int(data.get("max_plan_attempts", 3)),
         max_consecutive_errors=int(data.get("max_consecutive_errors", 5)), source=source,
     )
     if not 0.0 <= cfg.test_fraction <= 1.0:
         raise ConfigError(f"{source}: test_fraction must be within [0, 1]")
+    if cfg.budget_scope not in ("total", "run"):
+        raise ConfigError(f"{source}: budget.scope must be 'total' (the cap covers every run of out) or 'run'")
     if cfg.concurrency < 1 or cfg.max_plan_attempts < 1:
         raise ConfigError(f"{source}: concurrency and max_plan_attempts must be >= 1")
     return cfg

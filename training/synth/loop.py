@@ -11,8 +11,11 @@ every pair's steps), ``targets/<id>.png``.
 Rerunning continues where the last run stopped: finished pairs (kept, rejected, failed) are
 skipped, half-done ones resume from their last step (a plan is never asked twice, a target never
 drawn twice), an unjudged sample is judged again. Pairs are keyed by task + the images' content,
-so no pair appears twice, and no instruction is used twice within a task. The budget (requests,
-estimated USD) applies to one run; when it is reached the run stops cleanly and keeps what is done.
+so no pair appears twice, and no instruction is used twice within a task. The cost cap is hard:
+each call's known or maximum price is reserved before it is sent; by default it covers every run
+of the folder (``<out>/spend.json`` records what was spent), so a rerun continues the budget
+(``--budget-scope run``: this run only). The request budget applies to one run. When a budget is
+reached the run stops cleanly and keeps what is done.
 Exit status: 0 finished (every count met, or the pools are used up), 3 stopped early (budget, an
 endpoint that keeps failing; rerun to continue), 2 a bad config.
 """
@@ -31,7 +34,7 @@ from judge.manifest import Sample, write_manifest
 from judge.verdict import JudgeRequest, Unjudged
 
 from .config import ConfigError, SynthConfig, load_config
-from .endpoints import Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient
+from .endpoints import BUDGET_SCOPES, Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient, call_max_cost
 from .instructions import InstructionRegistry, PlanRejected, request_plan
 from .pairs import candidates_for, iter_pairs, sample_id, scan_pools, split_of
 from .state import FINAL, PROGRESS, SynthState
@@ -65,7 +68,8 @@ class Synthesizer:
         self.judge = judge
         self.out = config.out
         self.state = SynthState(self.out / "state.jsonl")
-        self.budget = Budget(config.max_requests, config.max_cost_usd)
+        self.budget = Budget(config.max_requests, config.max_cost_usd, ledger=self.out / "spend.json",
+                             scope=config.budget_scope)
         self.chat = ChatClient(config.llm, self.budget)
         self.images = ImageClient(config.image, self.budget) if config.image else None
         accounting = getattr(judge, "accounting", None)
@@ -123,8 +127,9 @@ class Synthesizer:
         if self.judge is None:
             self.state.append(key, "kept")
             return "kept"
-        if getattr(self.judge, "accounting", None) is not None:
-            self.budget.require(3)  # an HTTP judge asks three questions
+        token = None
+        if getattr(self.judge, "accounting", None) is not None:  # an HTTP judge: three paid questions
+            token = self.budget.reserve(self._judge_max_cost(), requests=3)
         with Image.open(self.out / target) as t:
             output = t.convert("RGB")
         request = JudgeRequest(record["instruction"], pil1, pil2, output, sample_id=sid, task=task, plan=record["plan"])
@@ -136,9 +141,18 @@ class Synthesizer:
             return "unjudged"
         finally:
             self._count_judge()
+            if token is not None:
+                self.budget.settle(token)  # what it cost is counted by the judge's own accounting
         stage = "kept" if verdict.reward >= self.config.judge_threshold else "rejected"
         self.state.append(key, stage, verdict=verdict.to_dict())
         return stage
+
+    def _judge_max_cost(self) -> float:
+        """The most one judged sample may cost: three questions, each possibly re-asked."""
+        profile = getattr(self.judge, "profile", None)
+        if profile is None:
+            return 0.0
+        return 3 * (1 + profile.parse_retries) * call_max_cost(profile, 3000, images=3)
 
     def _count_judge(self) -> None:
         accounting = getattr(self.judge, "accounting", None)
@@ -248,6 +262,7 @@ class Synthesizer:
             "pending": len(self.state.pending(t)), "wanted": counts[t]} for t in counts}
         complete = all(v["kept"] >= v["wanted"] for v in per_task.values())
         return {"manifest": str(manifest), "tasks": per_task, "budget": self.budget.snapshot(),
+                "spend": self.budget.spend_line(),
                 "stopped": stopped, "complete": complete}
 
     def close(self) -> None:
@@ -276,7 +291,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="synthesis config (.json or .toml); see training/synth_config.py")
     p.add_argument("--max-requests", type=int, help="request budget for this run (overrides the config)")
-    p.add_argument("--max-cost", type=float, help="estimated USD budget for this run (overrides the config)")
+    p.add_argument("--max-cost", type=float, help="USD cap (overrides the config): each call's known or maximum "
+                   "price is reserved before it is sent, so the cap is never exceeded")
+    p.add_argument("--budget-scope", choices=BUDGET_SCOPES, help="total (default): --max-cost covers every run of "
+                   "this out folder (spend is recorded in <out>/spend.json), so a rerun continues the budget; "
+                   "run: this run only")
     p.add_argument("--concurrency", type=int, help="pairs in flight at once (overrides the config)")
     p.add_argument("--manifest-only", action="store_true", help="rewrite manifest.jsonl from state.jsonl; no requests")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -285,7 +304,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config)
         for name, value in (("max_requests", args.max_requests), ("max_cost_usd", args.max_cost),
-                            ("concurrency", args.concurrency)):
+                            ("concurrency", args.concurrency), ("budget_scope", args.budget_scope)):
             if value is not None:
                 setattr(cfg, name, value)
         if args.manifest_only:
@@ -299,8 +318,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    print(summary["spend"], file=sys.stderr)
     if summary["stopped"]:
-        print(f"stopped early: {summary['stopped']}; rerun the same command to continue", file=sys.stderr)
+        print(f"stopped early: {summary['stopped']}; rerun the same command to continue"
+              + (" (with a higher --max-cost)" if summary["stopped"].startswith("cost budget") else ""), file=sys.stderr)
         return 3
     return 0
 
