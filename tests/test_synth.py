@@ -89,7 +89,7 @@ def test_synthesis_with_edits_judge_faults_and_resume(tmp_path, api_key, caplog)
         base_config(tmp_path, api, pools, {"animal_scene": 4, "style_transfer": 3},
                     image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "endpoint": "edits",
                            "size": "256x256", "backoff_base_s": 0.01, "backoff_max_s": 0.02, "price_per_image": 0.01},
-                    judge={"threshold": 0.99})
+                    judge={"min_yes": 3})
         cfg = tmp_path / "synth.json"
         out = tmp_path / "out"
 

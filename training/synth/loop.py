@@ -143,7 +143,7 @@ class Synthesizer:
             self._count_judge()
             if token is not None:
                 self.budget.settle(token)  # what it cost is counted by the judge's own accounting
-        stage = "kept" if verdict.reward >= self.config.judge_threshold else "rejected"
+        stage = "kept" if yes_count(verdict) >= self.config.judge_min_yes else "rejected"
         self.state.append(key, stage, verdict=verdict.to_dict())
         return stage
 
@@ -268,6 +268,11 @@ class Synthesizer:
     def close(self) -> None:
         if self.judge is not None:
             self.judge.close()
+
+
+def yes_count(verdict) -> int:
+    """Questions answered yes (a probability-mode answer counts as yes from 0.5)."""
+    return sum(score >= 0.5 for score in verdict.scores().values())
 
 
 def run_synthesis(config, judge: Judge | None = None, progress: bool = True) -> dict:
