@@ -326,6 +326,31 @@ def test_no_judge_given_never_picks_the_toy_judge_for_other_data_and_failures_ex
     assert "2 of 2 samples have no verdict (2 without output" in err and "not found" in err
 
 
+def test_judging_again_with_another_judge_writes_its_tables_beside_the_first(tmp_path, micro, world, capsys):
+    """Issue 20 item 7: each judge's tables in their own files, table2.md/json hold every judge with
+    results, and report.html shows the same judges' tables and verdicts as the tables."""
+    out = tmp_path / "run"
+    common = ["--manifest", str(world), "--model", str(micro), "--tasks", "animal_scene", "--out", str(out)] + FAST
+    assert main(common + ["--judge", "toy"]) == 0
+    judge = HttpJudge("")
+    with judge.server:
+        assert main(common + ["--judge", "loop", "--judge-config", str(judge.config(tmp_path))]) == 0
+    printed = capsys.readouterr().out
+    assert "judge loop" in printed and "outputs: 0 generated, 2 reused" in printed
+    toy = json.loads((out / "table2.toy-binary.json").read_text())["tables"]
+    loop = json.loads((out / "table2.loop-binary.json").read_text())["tables"]
+    assert [t["title"] for t in toy] == ["Table 2 - mean reward, judge toy (toy, binary)", "Per task, judge toy (toy, binary)"]
+    assert all("loop" in t["title"] for t in loop) and len(loop) == 2
+    both = json.loads((out / "table2.json").read_text())
+    assert both["tables"] == loop + toy and set(both["judges"]) == {"toy-binary", "loop-binary"}
+    assert (out / "table2.md").read_text() == "\n\n".join(
+        [(out / "table2.loop-binary.md").read_text().rstrip("\n"), (out / "table2.toy-binary.md").read_text()])
+    report = (out / "report.html").read_text()
+    for table in both["tables"]:
+        assert f"<h3>{table['title']}</h3>" in report
+    assert report.count("toy-binary: ") == 2 and report.count("loop-binary: ") == 2
+
+
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
     from training.evaluation import sample_split

@@ -12,8 +12,10 @@ base on the DualShapes toy world's test split with the toy judge (building both 
     python -m training.bench --compare runs/bench/toy runs/bench/toy+lora --out runs/bench/compare
 
 A run folder (``--out``, default ``runs/bench/<label>``) holds the outputs (``outputs/<id>.png``),
-the verdicts per judge (``judge/<profile>-<mode>/verdicts.jsonl``), ``table2.md``/``.json`` and
-``report.html``; its layout is described in training/bench/run_folder.py. Rerunning the same command
+the verdicts per judge (``judge/<profile>-<mode>/verdicts.jsonl``), the tables per judge
+(``table2.<profile>-<mode>.md``/``.json``; judging again with another judge adds its own beside the
+earlier ones), ``table2.md``/``.json`` with every judge's tables, and ``report.html`` (the same
+judges' tables and verdicts); its layout is described in training/bench/run_folder.py. Rerunning the same command
 resumes: existing outputs are reused, judged samples are not judged again, and samples that failed
 (generator error, unjudged) are retried. Failures are reported and counted, never scored 0.
 
@@ -269,13 +271,28 @@ def table2(args) -> int:
           f"({len({s.sample.task for s in selected})} tasks), generator {generator.kind}, "
           f"judges {', '.join(p for p, _ in judges)}")
     summaries = bench_run(run, selected, manifest, generator, label, judges, Judging.from_args(args), args.split)
-    tables = run_tables(label, summaries)
-    md, js = write_tables(run.root, "table2", tables, {"label": label, "judges": summaries})
-    report = write_report(run.root / "report.html", f"DualRef benchmark - {label}", [run], tables, args.report_rows)
+    md, js, report = write_run_results(run, label, args.report_rows, first=list(summaries))
     print()
-    print(table_text(tables))
+    print(table_text(run_tables(label, summaries)))
     print(f"results: {md}, {js}, {report}")
     return report_unscored(unscored(run, summaries, args.allow_missing))
+
+
+def write_run_results(run: RunDir, label: str, report_rows: int | None, first=()) -> tuple[Path, Path, Path]:
+    """The run folder's tables and report, from every judge that has results in it: one
+    ``table2.<profile>-<mode>.md/.json`` per judge (re-judging with another judge writes its tables
+    beside the earlier ones), ``table2.md/.json`` with all of them, and report.html showing those
+    judges' tables and verdicts, no more and no fewer. ``first``: this run's judges, listed first."""
+    keys = [k for k in first if k in run.judge_keys()] + [k for k in run.judge_keys() if k not in first]
+    summaries = {key: run.summary(key) for key in keys}
+    for key in keys:
+        write_tables(run.root, f"table2.{key}", run_tables(label, {key: summaries[key]}),
+                     {"label": label, "judges": {key: summaries[key]}})
+    tables = run_tables(label, summaries)
+    md, js = write_tables(run.root, "table2", tables, {"label": label, "judges": summaries})
+    report = write_report(run.root / "report.html", f"DualRef benchmark - {label}", [run], tables, report_rows,
+                          judge_keys=keys)
+    return md, js, report
 
 
 def table1(args) -> int:

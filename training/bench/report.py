@@ -177,13 +177,17 @@ def _img(path: Path, report_dir: Path) -> str:
     return f'<a href="{src}"><img loading=lazy src="{src}"></a>'
 
 
-def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_rows: int | None = None) -> Path:
+def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_rows: int | None = None,
+                 judge_keys: list[str] | None = None) -> Path:
     """An HTML page: the tables, then per task the samples with both references, target and each run's
-    output and verdicts. Images are linked by relative path (the report travels with the run folders)."""
+    output and verdicts. Images are linked by relative path (the report travels with the run folders).
+    ``judge_keys``: the judges whose verdicts are shown (default: every judge with results), which
+    must be the judges of ``tables``."""
     path = Path(path)
     report_dir = path.parent
     labels = [r.label() for r in runs]
-    verdicts = [{key: r.verdicts(key) for key in r.judge_keys()} for r in runs]
+    verdicts = [{key: r.verdicts(key) for key in r.judge_keys() if judge_keys is None or key in judge_keys}
+                for r in runs]
     errors = [{i: g.get("reason") for i, g in r.generation_records().items() if g.get("status") == "error"}
               for r in runs]
     samples, owner = [], {}
