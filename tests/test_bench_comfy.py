@@ -8,6 +8,7 @@ errors reported per sample, and resuming without queueing finished samples again
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -79,15 +80,16 @@ def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tin
     argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
             str(manifest), "--tasks", "animal_scene", "--steps", "2", "--layout", "offset", "--seed", "5",
             "--out", str(out), "--timeout", "600", "-q"]
-    # The workflow's SFT LoRA was trained with the diagonal layout: the host's DualLoRAApply refuses.
-    assert main(argv) == 0
+    # The workflow's SFT LoRA was trained with the diagonal layout: the host's DualLoRAApply refuses;
+    # samples without an output make the run exit 1 (issue 20).
+    assert main(argv) == 1
     assert "outputs: 0 generated, 0 reused, 2 generator errors" in capsys.readouterr().out
     errors = json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["generator_errors"]
     assert "trained with the 'diagonal' layout but the model is patched with 'offset'" in errors[samples[0]["id"]]
     assert json.loads((out / "judge" / "toy-binary" / "summary.json").read_text())["overall"]["n_judged"] == 0
 
     argv += ["--lora", "none"]  # the base model with the offset layout: DualLoRAApply taken out
-    assert main(argv) == 0
+    assert main(argv) == 1  # one reference is missing
     printed = capsys.readouterr().out
     assert "outputs: 1 generated, 0 reused, 1 generator errors" in printed
     good = out / "outputs" / f"{samples[0]['id']}.png"
@@ -107,7 +109,48 @@ def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tin
 
     stamp = good.stat().st_mtime_ns
     jobs = len(lines(out / "comfy" / "results.jsonl"))
-    assert main(argv) == 0  # resumed: the finished sample is not queued again, the failed one is retried
+    assert main(argv) == 1  # resumed: the finished sample is not queued again, the failed one is retried
     assert good.stat().st_mtime_ns == stamp
     assert [r["id"] for r in lines(out / "comfy" / "results.jsonl")[jobs:]] == [samples[1]["id"]]
     assert "outputs: 0 generated, 1 reused, 1 generator errors" in capsys.readouterr().out
+
+
+@pytest.mark.host
+def test_a_lora_replaced_under_the_same_name_on_the_server_is_not_reused(tmp_path, tiny_host, manifest, capsys):
+    """Issue 20 item 3: the outputs' identity holds what the server says about the model and LoRA files
+    the workflow names (size, modification time, safetensors header), so a retrained LoRA copied over
+    dualref_sft.safetensors (same size, same metadata) does not pass for the one that made them."""
+    import tiny_comfy_models
+    from dual_rope.lora_meta import read_dualref_metadata, read_safetensors_header
+    from workflows.fill import load_workflow
+    from workflows.task_graphs import SFT_LORA
+
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    graph = load_workflow("animal_scene")
+    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
+    graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
+                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
+    next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
+    (workflows / "animal_scene.json").write_text(json.dumps(graph))
+    out = tmp_path / "run"
+    argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
+            str(manifest), "--tasks", "animal_scene", "--limit-per-task", "1", "--steps", "1", "--out", str(out),
+            "--timeout", "600", "-q"]
+    assert main(argv) == 0
+    assert "outputs: 1 generated, 0 reused, 0 generator errors" in capsys.readouterr().out
+    files = json.loads((out / "run.json").read_text())["identity"]["files"]
+    assert set(files) == {"diffusion_models/flux1-kontext-dev.safetensors", f"loras/{SFT_LORA}",
+                          "vae/ae.safetensors", "text_encoders/clip_l.safetensors"}
+    lora = tiny_host.base / "models" / "loras" / SFT_LORA
+    assert files[f"loras/{SFT_LORA}"]["size"] == lora.stat().st_size and files[f"loras/{SFT_LORA}"]["header"]
+    assert main(argv) == 0 and "outputs: 0 generated, 1 reused" in capsys.readouterr().out
+
+    before = read_safetensors_header(lora)[1]
+    fingerprint = read_dualref_metadata(before).base_fingerprint
+    time.sleep(0.01)
+    tiny_comfy_models.write_dualref_lora(lora, fingerprint, seed=11)  # retrained: same name, size, metadata
+    assert read_safetensors_header(lora)[1] == before
+    assert main(argv) == 2
+    assert f"loras/{SFT_LORA}" in capsys.readouterr().err
+    assert main(argv[:-5] + ["--out", str(tmp_path / "again"), "--timeout", "600", "-q"]) == 0

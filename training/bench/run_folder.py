@@ -99,9 +99,17 @@ class RunDir:
     def prepare(self, selected: list[Selected], source_manifest, identity: dict, label: str, extra=None) -> None:
         """Write the run's manifest and run.json; refuse to mix outputs of another generator setting."""
         info = self.info()
+        unverified = sorted(k for k, v in (identity.get("files") or {}).items() if v.get("unverified"))
+        if unverified and self.output_ids():
+            raise BenchError(f"{self.root} holds outputs, and the server cannot say whether {', '.join(unverified)} "
+                             "changed since they were made (no /experiment/models listing); pass another --out, "
+                             "or delete the folder to start over")
         if info and info.get("identity") != identity and self.output_ids():
-            changed = sorted(k for k in set(identity) | set(info.get("identity", {}))
-                             if identity.get(k) != info.get("identity", {}).get(k))
+            old = info.get("identity", {})
+            changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
+            files = identity.get("files") or {}
+            changed += sorted(k for k in set(files) | set(old.get("files") or {})
+                              if files.get(k) != (old.get("files") or {}).get(k))
             raise BenchError(f"{self.root} holds outputs made with other settings ({', '.join(changed)} differ); "
                              "pass another --out, or delete the folder to start over")
         if info and info.get("identity") != identity:  # no outputs left: earlier verdicts judged other images
