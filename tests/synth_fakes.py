@@ -69,6 +69,7 @@ class FakeAPI:
         self.chat_log: list[dict] = []  # one entry per answered (200) chat request
         self.image_log: list[dict] = []
         self.faults_served: list[tuple[str, int]] = []
+        self.started: list[tuple[str, float]] = []  # (chat|image, time.monotonic()) as each request arrives
         self.lock = threading.Lock()
         api = self
 
@@ -92,6 +93,7 @@ class FakeAPI:
                     return self._reply(401, {"error": {"message": "bad key"}})
                 kind = "chat" if self.path.endswith("/chat/completions") else "image"
                 with api.lock:
+                    api.started.append((kind, time.monotonic()))
                     faults = api.chat_faults if kind == "chat" else api.image_faults
                     fault = faults.pop(0) if faults else None
                     if fault:

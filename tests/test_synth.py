@@ -295,6 +295,51 @@ def test_cost_cap_holds_at_concurrency_8_and_a_rerun_continues_the_budget(tmp_pa
     assert len(read_manifest(tmp_path / "out")) == 4
 
 
+def test_ctrl_c_stops_paid_calls_exits_130_at_once_and_the_rerun_finishes(tmp_path):
+    """Issue 20 item 6: images take 8 s; Ctrl-C while two are in flight exits 130 within ~2 s with
+    a one-line summary and the rerun hint (no traceback), sends no request after the signal, and a
+    rerun finishes the set without duplicates."""
+    import signal
+    import time
+
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    api.image_delay_s = 8.0
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3", "c1", "c2"])
+        base_config(tmp_path, api, pools, {"clothing_replace": 4}, concurrency=2,
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "price_per_image": 0.1})
+        env = {**os.environ, KEY_ENV: SECRET}
+        proc = subprocess.Popen([sys.executable, "-m", "training.synth", "--config", str(tmp_path / "synth.json"), "-q"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(kind == "image" for kind, _ in api.started) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+        assert proc.returncode == 130, err
+        assert took < 3.0, f"took {took:.1f} s to exit after Ctrl-C"
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("interrupted: 0 of 4 samples kept, 2 pairs half done") and \
+            "rerun the same command to continue" in last and "spent $0.0" in last
+        assert not [t for _, t in api.started if t > signalled]  # no request after Ctrl-C
+        assert json.loads((tmp_path / "out" / "spend.json").read_text())["total_usd"] == pytest.approx(
+            0.2 + 2 * 0.0, abs=0.05)  # the two images in flight count as spent (they may be billed)
+
+        api.image_delay_s = 0.0
+        run = run_cli("--config", tmp_path / "synth.json")
+        assert run.returncode == 0, run.stderr
+    finally:
+        api.close()
+    samples = read_manifest(tmp_path / "out")
+    assert len(samples) == 4
+    assert_no_duplicates(samples)
+    assert sum(kind == "chat" for kind, _ in api.started) == 4  # the two plans made before Ctrl-C were kept
+
+
 def test_cli_config_errors_name_the_fix(tmp_path):
     pools = make_pools(tmp_path, ["p1", "p2"])
     cfg = {"out": "out", "pools": pools, "tasks": {"group_portrait": 1},

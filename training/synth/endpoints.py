@@ -78,6 +78,7 @@ class Budget:
         self._reserved: dict[int, float] = {}
         self._next = 0
         self._external: dict[str, tuple[int, float]] = {}
+        self._closed: str | None = None
         self._lock = threading.Lock()
 
     def _read_ledger(self) -> float:
@@ -119,9 +120,16 @@ class Budget:
             return "cost budget reached"
         return None
 
+    def close(self, reason: str) -> None:
+        """No request is sent from now on (Ctrl-C): every reserve/attempt raises BudgetExhausted."""
+        with self._lock:
+            self._closed = reason
+
     def take_request(self, kind: str = "request") -> None:
         """Called before every attempt; raises instead of sending one past the request budget."""
         with self._lock:
+            if self._closed:
+                raise BudgetExhausted(self._closed)
             if self.max_requests is not None and self.requests + 1 > self.max_requests:
                 raise BudgetExhausted("request budget reached")
             self._requests += 1
@@ -130,7 +138,7 @@ class Budget:
         """Hold ``cost_usd`` (a call's known or maximum price) before sending it; raises
         BudgetExhausted when it does not fit. Returns the token for :meth:`settle`."""
         with self._lock:
-            reason = self.reason(more=requests, cost=cost_usd)
+            reason = self._closed or self.reason(more=requests, cost=cost_usd)
             if reason:
                 raise BudgetExhausted(reason)
             self._next += 1

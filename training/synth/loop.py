@@ -237,11 +237,15 @@ class Synthesizer:
                         bar.update(1)
                     elif stage not in FINAL:
                         stalled[task] += 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            # No new paid call from here on; the pairs in flight are abandoned (not waited for):
+            # each is taken up from its last recorded step on the next run.
             stopped = "interrupted"
+            self.budget.close("interrupted")
+            e.synth_summary = lambda: self.summary
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=stopped != "interrupted", cancel_futures=True)
             bar.close()
             manifest = self.write_manifest()
             self.summary = self._summary(counts, stopped, manifest)
@@ -280,10 +284,16 @@ def run_synthesis(config, judge: Judge | None = None, progress: bool = True) -> 
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     synth = Synthesizer(cfg, judge, progress)
     try:
-        return synth.run()
-    finally:
-        if judge is None:  # close only what we opened
+        summary = synth.run()
+    except KeyboardInterrupt:
+        raise  # the judge's calls in flight are abandoned with the rest, not waited for
+    except BaseException:
+        if judge is None:
             synth.close()
+        raise
+    if judge is None:  # close only what we opened
+        synth.close()
+    return summary
 
 
 def _tqdm(**kwargs):
@@ -322,6 +332,20 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        summary = getattr(e, "synth_summary", lambda: None)()
+        if summary is not None:
+            kept = sum(t["kept"] for t in summary["tasks"].values())
+            wanted = sum(t["wanted"] for t in summary["tasks"].values())
+            pending = sum(t["pending"] for t in summary["tasks"].values())
+            print(f"interrupted: {kept} of {wanted} samples kept, {pending} pairs half done (in-flight requests "
+                  f"abandoned), {summary['spend']}; rerun the same command to continue", file=sys.stderr)
+        else:
+            print("interrupted; rerun the same command to continue", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Requests still in flight in worker threads are abandoned: exit now instead of joining them.
+        os._exit(130)
     print(json.dumps(summary, indent=2))
     print(summary["spend"], file=sys.stderr)
     if summary["stopped"]:
