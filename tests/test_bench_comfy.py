@@ -154,3 +154,47 @@ def test_a_lora_replaced_under_the_same_name_on_the_server_is_not_reused(tmp_pat
     assert main(argv) == 2
     assert f"loras/{SFT_LORA}" in capsys.readouterr().err
     assert main(argv[:-5] + ["--out", str(tmp_path / "again"), "--timeout", "600", "-q"]) == 0
+
+
+@pytest.mark.host
+def test_ctrl_c_cancels_our_prompt_on_the_server(tmp_path, tiny_host, manifest):
+    """Issue 20 item 6: Ctrl-C during a ComfyUI benchmark exits 130 at once and takes the prompt it
+    had running off the server (/interrupt with its id), so the server is free again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from workflows.fill import load_workflow
+
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    graph = load_workflow("animal_scene")
+    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
+    graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
+                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
+    next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
+    (workflows / "animal_scene.json").write_text(json.dumps(graph))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
+            str(manifest), "--tasks", "animal_scene", "--steps", "10000", "--out", str(tmp_path / "run"), "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "training.bench", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not tiny_host.get_json("/queue")["queue_running"]:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)  # sampling under way
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert time.monotonic() - signalled < 5.0 and "Traceback" not in err
+    assert "rerun the same command to resume" in err
+    while True:  # the 10000-step prompt stops at the next step instead of running for hours
+        state = tiny_host.get_json("/queue")
+        if not state["queue_running"] and not state["queue_pending"]:
+            break
+        assert time.monotonic() - signalled < 20, state
+        time.sleep(0.2)
