@@ -19,7 +19,7 @@ from synth_fakes import KEY_ENV, SECRET, FakeAPI, color_name, make_pools, mean_c
 from judge.manifest import parse_line
 from training.synth.loop import run_synthesis
 from training.synth.config import ConfigError, load_config, parse_config
-from training.synth.pairs import iter_pairs, pair_key, scan_pools, split_of
+from training.synth.pairs import assign_splits, iter_pairs, pair_key, scan_pools, split_of
 from training.synth.instructions import parse_reply, schema_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,6 +385,16 @@ def test_pairs_are_distinct_seeded_and_keyed_by_content(tmp_path):
     assert pair_key("clothing_replace", "a", "b") != pair_key("clothing_replace", "b", "a")
     splits = [split_of(f"{i:020x}", 0.25) for i in range(400)]
     assert 60 < splits.count("test") < 140 and splits == [split_of(f"{i:020x}", 0.25) for i in range(400)]
+    # issue 20 item 8: a task of >= 2 samples always has a test sample; the hash split is kept otherwise
+    keys = {f"t{t}": [f"{t}-{i:020x}" for i in range(n)] for t, n in enumerate([1, 2, 3, 5, 40])}
+    for fraction in (0.01, 0.1, 0.25):
+        assigned = assign_splits(keys, fraction)
+        for task, own in keys.items():
+            tests = [k for k in own if assigned[k] == "test"]
+            assert len(own) < 2 or tests, (task, fraction)
+            by_hash = [k for k in own if split_of(k, fraction) == "test"]
+            assert tests == by_hash or (not by_hash and len(tests) == 1)
+    assert set(assign_splits(keys, 0.0).values()) == {"train"}
 
 
 def test_config_rejects_unknown_fields_and_insecure_key_use(tmp_path):

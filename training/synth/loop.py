@@ -36,7 +36,7 @@ from judge.verdict import JudgeRequest, Unjudged
 from .config import ConfigError, SynthConfig, load_config
 from .endpoints import BUDGET_SCOPES, Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient, call_max_cost
 from .instructions import InstructionRegistry, PlanRejected, request_plan
-from .pairs import candidates_for, iter_pairs, sample_id, scan_pools, split_of
+from .pairs import assign_splits, candidates_for, iter_pairs, sample_id, scan_pools
 from .state import FINAL, PROGRESS, SynthState
 
 log = logging.getLogger("training.synth")  # the same name when run with -m
@@ -254,10 +254,15 @@ class Synthesizer:
     def write_manifest(self) -> Path:
         path = self.out / "manifest.jsonl"
         samples = []
-        for record in self.state.records("kept"):
+        kept = self.state.records("kept")
+        by_task: dict[str, list[str]] = {}
+        for record in kept:
+            by_task.setdefault(record["task"], []).append(record["key"])
+        splits = assign_splits(by_task, self.config.test_fraction)
+        for record in kept:
             images = [os.path.relpath(p, self.out) for p in record["images"]]
             samples.append(Sample(record["id"], record["task"], images, record["instruction"], record.get("target"),
-                                  record.get("plan"), split_of(record["key"], self.config.test_fraction)))
+                                  record.get("plan"), splits[record["key"]]))
         write_manifest(path, samples)
         return path
 
