@@ -351,6 +351,24 @@ def test_judging_again_with_another_judge_writes_its_tables_beside_the_first(tmp
     assert report.count("toy-binary: ") == 2 and report.count("loop-binary: ") == 2
 
 
+def test_a_flat_colour_output_is_flagged_in_the_report(tmp_path, micro, world):
+    """Issue 20 item 8: an all-black output (or any single colour) is named at the top of the report
+    and under the image, so a broken model is not read off a table of mean rewards."""
+    out = tmp_path / "run"
+    (out / "outputs").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(out / "outputs" / "animal_scene-test-00000.png")
+    Image.new("RGB", (32, 32), (7, 7, 7)).save(out / "outputs" / "animal_scene-test-00001.png")
+    noisy = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(out / "outputs" / "style_transfer-test-00000.png")
+    argv = ["--manifest", str(world), "--model", str(micro), "--tasks", "animal_scene", "style_transfer",
+            "--limit-per-task", "1", "--out", str(out)] + FAST
+    assert main(argv) == 0
+    report = (out / "report.html").read_text()
+    assert "1 output(s) are one flat colour" in report and "animal_scene-test-00000 (0, 0, 0)" in report
+    assert report.count("<div class=bad>flat colour (0, 0, 0)</div>") == 1
+    assert "style_transfer-test-00000 (" not in report
+
+
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
     from training.evaluation import sample_split
