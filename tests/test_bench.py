@@ -369,6 +369,57 @@ def test_a_flat_colour_output_is_flagged_in_the_report(tmp_path, micro, world):
     assert "style_transfer-test-00000 (" not in report
 
 
+# -- synthesis -> benchmark, end to end ----------------------------------------------------------------
+def test_synthesized_manifest_benchmarks_with_the_configured_profile_and_the_exit_code_follows(
+        tmp_path, micro, monkeypatch, capsys):
+    """Issue 20: synthesize with the local LLM/image fakes (real HTTP), then benchmark that manifest
+    headless with no --judge: the configured VLM profile (a loopback judge server) is chosen and
+    printed - never the toy judge - every test sample is judged and the run exits 0; with the judge
+    server gone the same command exits 1 and prints why."""
+    from synth_fakes import KEY_ENV, SECRET, FakeAPI, make_pools, valid_plan
+    from training.bench.run_folder import RunDir
+    from training.synth.loop import main as synth_main
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    monkeypatch.delenv("DUALREF_JUDGE_PROFILE", raising=False)
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["s_ok", "s_flaky", "a_ok", "a_bad"])
+        config = {"out": "synth", "pools": pools, "tasks": {"animal_scene": 3}, "seed": 1, "test_fraction": 0.3,
+                  "llm": {"base_url": api.url, "model": "planner", "api_key_env": KEY_ENV},
+                  "image": {"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "size": "32x32",
+                            "price_per_image": 0.01},
+                  "budget": {"max_cost_usd": 1.0}}
+        (tmp_path / "synth.json").write_text(json.dumps(config))
+        assert synth_main(["--config", str(tmp_path / "synth.json"), "-q"]) == 0
+    finally:
+        api.close()
+    manifest = tmp_path / "synth" / "manifest.jsonl"
+    samples = lines(manifest)
+    tests = [s["id"] for s in samples if s["split"] == "test"]
+    assert len(samples) == 3 and tests and all(s["target"] for s in samples)
+    capsys.readouterr()
+
+    judge = HttpJudge("")
+    judges = judge.config(tmp_path)
+    argv = ["--manifest", str(manifest), "--model", str(micro), "--tasks", "animal_scene",
+            "--judge-config", str(judges), "--out", str(tmp_path / "bench")] + FAST
+    with judge.server:
+        assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "judge: loop (the configured default profile)" in printed
+    assert f"judge loop-binary: {len(tests)} judged, 0 unjudged, 0 without output, 0 bad input" in printed
+    verdicts = RunDir(tmp_path / "bench").verdicts("loop-binary")
+    assert sorted(verdicts) == sorted(tests) and all(v["status"] == "judged" for v in verdicts.values())
+    assert json.loads((tmp_path / "bench" / "table2.json").read_text())["tables"][0]["rows"][0][1] == \
+        pytest.approx(2 / 3)
+
+    shutil.rmtree(tmp_path / "bench" / "judge")  # judge again, with the judge server gone
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"judge loop-binary: {len(tests)} of {len(tests)} samples have no verdict" in err and "unjudged" in err
+
+
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
     from training.evaluation import sample_split
