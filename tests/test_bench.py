@@ -351,7 +351,7 @@ def test_judging_again_with_another_judge_writes_its_tables_beside_the_first(tmp
     assert report.count("toy-binary: ") == 2 and report.count("loop-binary: ") == 2
 
 
-def test_a_flat_colour_output_is_flagged_in_the_report(tmp_path, micro, world):
+def test_a_flat_colour_output_is_flagged_in_the_report(tmp_path, micro, world, capsys):
     """Issue 20 item 8: an all-black output (or any single colour) is named at the top of the report
     and under the image, so a broken model is not read off a table of mean rewards."""
     out = tmp_path / "run"
@@ -363,6 +363,8 @@ def test_a_flat_colour_output_is_flagged_in_the_report(tmp_path, micro, world):
     argv = ["--manifest", str(world), "--model", str(micro), "--tasks", "animal_scene", "style_transfer",
             "--limit-per-task", "1", "--out", str(out)] + FAST
     assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "judge toy" not in err and "it/s" not in err and "sample/s" not in err  # -q: no progress bars at all
     report = (out / "report.html").read_text()
     assert "1 output(s) are one flat colour" in report and "animal_scene-test-00000 (0, 0, 0)" in report
     assert report.count("<div class=bad>flat colour (0, 0, 0)</div>") == 1
@@ -521,3 +523,8 @@ def test_bad_requests_get_clear_errors(tmp_path, micro, world, capsys):
     assert "pass --lora too" in capsys.readouterr().err
     assert main(["--compare", str(tmp_path)]) == 2
     assert "has no judged results" in capsys.readouterr().err
+    for flag, value in (("--concurrency", "0"), ("--limit-per-task", "-1"), ("--batch-size", "x"),
+                        ("--allow-missing", "2")):  # argument errors name the flag (issue 20 item 8)
+        with pytest.raises(SystemExit) as stop:
+            main(["--manifest", str(world), flag, value])
+        assert stop.value.code == 2 and f"argument {flag}: '{value}' is not" in capsys.readouterr().err

@@ -358,6 +358,10 @@ def test_cli_config_errors_name_the_fix(tmp_path):
     run = run_cli("--config", tmp_path / "c.json")
     assert run.returncode == 2 and "theme clothing" in run.stderr and "pools.clothing" in run.stderr
 
+    for flag, value in (("--concurrency", "0"), ("--max-cost", "-1")):  # the flag is named (issue 20 item 8)
+        run = run_cli("--config", tmp_path / "b.json", flag, value)
+        assert run.returncode == 2 and f"argument {flag}: '{value}' is not" in run.stderr
+
 
 # -- pieces ----------------------------------------------------------------------------------
 def test_schema_and_reply_parsing():

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from judge.manifest import SINGLE_TASKS, TASKS
 
+from ..config import at_least
 from ..files import cache_dir_for
 from .generators import NO_LORA, ComfyGenerator, HeadlessGenerator, generate_missing
 from .report import compare_tables, run_tables, table_text, write_report, write_tables
@@ -56,12 +57,12 @@ def parse_args(argv=None):
                    "generated if absent)")
     p.add_argument("--split", default="test", help="split to benchmark (default: test)")
     p.add_argument("--tasks", nargs="+", help="tasks to include (default: the five dual tasks; --single: single_edit)")
-    p.add_argument("--limit-per-task", type=int, help="at most N samples of each task (the first N in the manifest)")
+    p.add_argument("--limit-per-task", type=at_least(1), help="at most N samples of each task (the first N in the manifest)")
     p.add_argument("--generator", choices=("headless", "comfyui"), default="headless")
     p.add_argument("--server", action="append", default=[], help="comfyui: a ComfyUI URL; repeat to share the work")
     p.add_argument("--workflow-dir", type=Path, help="comfyui: folder of <task>.json API workflows "
                    "(default: the pack's workflows/api)")
-    p.add_argument("--timeout", type=float, help="comfyui: seconds to wait for one job")
+    p.add_argument("--timeout", type=at_least(0.001, float), help="comfyui: seconds to wait for one job")
     p.add_argument("--model", help="headless: a Kontext diffusers folder or 'toy' (default); "
                    "comfyui: the UNETLoader file name (default: the workflow's)")
     p.add_argument("--lora", help="the SFT LoRA (headless: a .safetensors path; comfyui: a file name in the server's "
@@ -71,10 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--lora2-scale", type=float, default=1.0)
     p.add_argument("--layout", choices=("diagonal", "offset", "index", "uxo"),
                    help="reference layout (default: diagonal; comfyui: the workflow's)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's / the workflow's)")
+    p.add_argument("--steps", type=at_least(1), help="sampling steps (default: the model's / the workflow's)")
     p.add_argument("--guidance", type=float, help="guidance (default: the model's / the workflow's)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i of the selection gets seed*1000003+i")
-    p.add_argument("--batch-size", type=int, default=16, help="headless sampling batch")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="headless sampling batch")
     p.add_argument("--judge", action="append", default=[], metavar="PROFILE",
                    help="judge profile; repeat for several judges side by side (default: the configured default "
                    "profile; the toy judge for toy-world manifests)")
@@ -83,7 +84,7 @@ def parse_args(argv=None):
                    "(default 0: any such sample makes the run exit 1)")
     p.add_argument("--judge-config", type=Path, help="judges config file (default: see judge/config.py)")
     p.add_argument("--judge-mode", choices=("binary", "probability"), help="override the profiles' mode")
-    p.add_argument("--concurrency", type=int, help="override the judge profiles' concurrency")
+    p.add_argument("--concurrency", type=at_least(1), help="override the judge profiles' concurrency")
     p.add_argument("--out", type=Path, help="run folder (default: runs/bench/<label>)")
     p.add_argument("--label", help="the model's name in tables (default: from model and LoRAs)")
     p.add_argument("--single", action="store_true", help="Table 1: single-reference edits, base vs --lora, 0-10 judge")
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="headless: torch device (default: cuda where available, else cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16"),
                    help="headless: the transformer's precision (default: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--report-rows", type=int, default=64, help="samples per task shown in report.html (default 64)")
+    p.add_argument("--report-rows", type=at_least(0), default=64, help="samples per task shown in report.html (default 64)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -229,10 +230,11 @@ class Judging:
     config: Path | None = None
     mode: str | None = None
     concurrency: int | None = None
+    quiet: bool = False  # no progress bar
 
     @classmethod
     def from_args(cls, args) -> "Judging":
-        return cls(args.judge_config, args.judge_mode, args.concurrency)
+        return cls(args.judge_config, args.judge_mode, args.concurrency, args.quiet)
 
 
 def judge_modes(judging: Judging, judges, mode=None) -> list[tuple[str, str]]:
@@ -250,7 +252,8 @@ def bench_run(run: RunDir, selected, manifest: Path, generator, label: str, judg
           f"{counts['errors']} generator errors ({counts['seconds']:.1f} s)")
     summaries = {}
     for profile, judge_mode in judges:
-        summary = run.judge(profile, judge_mode, mode or judging.mode, judging.config, judging.concurrency)
+        summary = run.judge(profile, judge_mode, mode or judging.mode, judging.config, judging.concurrency,
+                            judging.quiet)
         o = summary["overall"]
         print(f"[{label}] judge {profile}-{judge_mode}: {o['n_judged']} judged, {o['n_unjudged']} unjudged, "
               f"{o['n_missing']} without output, {o['n_bad_input']} bad input ({summary.get('wall_s', 0):.1f} s)")

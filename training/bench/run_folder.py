@@ -198,7 +198,7 @@ class RunDir:
         return self.root / "judge" / f"{profile}-{mode}"
 
     def judge(self, profile: str, mode: str, mode_override: str | None = None, config=None,
-              concurrency: int | None = None) -> dict:
+              concurrency: int | None = None, quiet: bool = False) -> dict:
         """Judge every output with the judge CLI's own loop (resumable); returns its summary, plus
         the generator's reason for each sample without an output."""
         from judge.cli import parse_args, run
@@ -208,6 +208,7 @@ class RunDir:
         argv += ["--mode", mode_override] if mode_override else []
         argv += ["--config", str(config)] if config else []
         argv += ["--concurrency", str(concurrency)] if concurrency else []
+        argv += ["--quiet"] if quiet else []
         summary = run(parse_args(argv))
         generated = self.generation_records()
         ids = {s.id for s in self.samples()}

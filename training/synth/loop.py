@@ -33,6 +33,7 @@ from judge.base import Judge
 from judge.manifest import Sample, write_manifest
 from judge.verdict import JudgeRequest, Unjudged
 
+from ..config import at_least
 from .config import ConfigError, SynthConfig, load_config
 from .endpoints import BUDGET_SCOPES, Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient, call_max_cost
 from .instructions import InstructionRegistry, PlanRejected, request_plan
@@ -310,17 +311,18 @@ def _tqdm(**kwargs):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="synthesis config (.json or .toml); see training/synth_config.py")
-    p.add_argument("--max-requests", type=int, help="request budget for this run (overrides the config)")
-    p.add_argument("--max-cost", type=float, help="USD cap (overrides the config): each call's known or maximum "
+    p.add_argument("--max-requests", type=at_least(0), help="request budget for this run (overrides the config)")
+    p.add_argument("--max-cost", type=at_least(0.0, float), help="USD cap (overrides the config): each call's known or maximum "
                    "price is reserved before it is sent, so the cap is never exceeded")
     p.add_argument("--budget-scope", choices=BUDGET_SCOPES, help="total (default): --max-cost covers every run of "
                    "this out folder (spend is recorded in <out>/spend.json), so a rerun continues the budget; "
                    "run: this run only")
-    p.add_argument("--concurrency", type=int, help="pairs in flight at once (overrides the config)")
+    p.add_argument("--concurrency", type=at_least(1), help="pairs in flight at once (overrides the config)")
     p.add_argument("--manifest-only", action="store_true", help="rewrite manifest.jsonl from state.jsonl; no requests")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings and errors only")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config)
         for name, value in (("max_requests", args.max_requests), ("max_cost_usd", args.max_cost),
