@@ -171,6 +171,18 @@ def test_budget_stop_then_resume_with_concurrency_no_duplicates(tmp_path, api_ke
     assert groups == {frozenset(p) for p in (("p1", "p2"), ("p1", "p3"), ("p2", "p3"))}
 
 
+def test_the_progress_bar_shows_attempts_and_spend(tmp_path, api_key, capsys):
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "c1"])
+        base_config(tmp_path, api, pools, {"clothing_replace": 2})
+        run_synthesis(tmp_path / "synth.json", progress=True)
+    finally:
+        api.close()
+    err = capsys.readouterr().err
+    assert "samples kept: 100%" in err and "2 pairs tried, 2 requests, $0.0040 spent" in err
+
+
 def test_repeated_instruction_is_sent_back(tmp_path, api_key):
     def rule(task, names, followups):
         if not followups:

@@ -187,7 +187,7 @@ class Synthesizer:
         kept = {t: self.state.count("kept", t) for t in counts}
         stalled = {t: 0 for t in counts}
         inflight: dict = {}
-        stopped, consecutive_errors = None, 0
+        stopped, consecutive_errors, tried = None, 0, 0
         bar = _tqdm(total=sum(counts.values()), initial=sum(min(kept[t], c) for t, c in counts.items()),
                     desc="samples kept", disable=not self.progress)
 
@@ -214,6 +214,10 @@ class Synthesizer:
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for future in done:
                     task, key = inflight.pop(future)
+                    tried += 1
+                    spend = self.budget.snapshot()
+                    bar.set_postfix_str(f"{tried} pairs tried, {spend['requests']} requests, "
+                                        f"${spend['total_cost_usd']:.4f} spent", refresh=False)
                     try:
                         stage = future.result()
                     except BudgetExhausted as e:
