@@ -62,20 +62,26 @@ def tiny_host(comfy_host, tmp_path_factory):
         yield server
 
 
-@pytest.mark.host
-def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tiny_host, manifest, capsys):
+def tiny_workflows(folder: Path) -> Path:
+    """The animal_scene workflow with the tiny-model substitutions of test_workflows.py (CLIP-L for
+    T5-XXL, images kept at 64 px), in ``folder``."""
     from workflows.fill import load_workflow
 
-    samples = [s for s in lines(manifest) if s["task"] == "animal_scene"]
-    (manifest.parent / samples[1]["images"][1]).unlink()  # this job fails before any upload
-    workflows = tmp_path / "workflows"
-    workflows.mkdir()
-    graph = load_workflow("animal_scene")  # the tiny-model substitutions of test_workflows.py
+    folder.mkdir()
+    graph = load_workflow("animal_scene")
     (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
     graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
                    "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
     next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
-    (workflows / "animal_scene.json").write_text(json.dumps(graph))
+    (folder / "animal_scene.json").write_text(json.dumps(graph))
+    return folder
+
+
+@pytest.mark.host
+def test_comfyui_generator_runs_the_task_workflow_on_the_real_host(tmp_path, tiny_host, manifest, capsys):
+    samples = [s for s in lines(manifest) if s["task"] == "animal_scene"]
+    (manifest.parent / samples[1]["images"][1]).unlink()  # this job fails before any upload
+    workflows = tiny_workflows(tmp_path / "workflows")
     out = tmp_path / "run"
     argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
             str(manifest), "--tasks", "animal_scene", "--steps", "2", "--layout", "offset", "--seed", "5",
@@ -122,17 +128,9 @@ def test_a_lora_replaced_under_the_same_name_on_the_server_is_not_reused(tmp_pat
     dualref_sft.safetensors (same size, same metadata) does not pass for the one that made them."""
     import tiny_comfy_models
     from dual_rope.lora_meta import read_dualref_metadata, read_safetensors_header
-    from workflows.fill import load_workflow
     from workflows.task_graphs import SFT_LORA
 
-    workflows = tmp_path / "workflows"
-    workflows.mkdir()
-    graph = load_workflow("animal_scene")
-    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
-    graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
-                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
-    next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
-    (workflows / "animal_scene.json").write_text(json.dumps(graph))
+    workflows = tiny_workflows(tmp_path / "workflows")
     out = tmp_path / "run"
     argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
             str(manifest), "--tasks", "animal_scene", "--limit-per-task", "1", "--steps", "1", "--out", str(out),
@@ -165,16 +163,7 @@ def test_ctrl_c_cancels_our_prompt_on_the_server(tmp_path, tiny_host, manifest):
     import subprocess
     import sys
 
-    from workflows.fill import load_workflow
-
-    workflows = tmp_path / "workflows"
-    workflows.mkdir()
-    graph = load_workflow("animal_scene")
-    (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
-    graph[clip] = {"inputs": {"clip_name": "clip_l.safetensors", "type": "stable_diffusion", "device": "default"},
-                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
-    next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]["megapixels"] = 0.0
-    (workflows / "animal_scene.json").write_text(json.dumps(graph))
+    workflows = tiny_workflows(tmp_path / "workflows")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     argv = ["--generator", "comfyui", "--server", tiny_host.url, "--workflow-dir", str(workflows), "--manifest",
