@@ -437,7 +437,11 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(stacked), "--lora", str(lora), "--lora2", str(lora2)]) == 0
     assert main(common + ["--out", str(tmp_path / "only2"), "--lora", str(lora2)]) == 0
 
-    expected = sample_split(str(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
+    from training.config import ModelConfig
+    from training.models import load_model
+
+    bundle = load_model(ModelConfig(path=str(micro)), device="cpu", precision="fp32")  # as the CLI loads it on CPU
+    expected = sample_split(bundle, world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
                             cache_dir=tmp_path / "cache")
     assert len(expected) == 2 * PER_TASK
     for out in expected:
