@@ -352,6 +352,22 @@ def test_ctrl_c_stops_paid_calls_exits_130_at_once_and_the_rerun_finishes(tmp_pa
     assert sum(kind == "chat" for kind, _ in api.started) == 4  # the two plans made before Ctrl-C were kept
 
 
+def test_an_llm_call_whose_maximum_price_does_not_fit_is_not_sent(tmp_path, api_key):
+    """max_tokens 2000 x $5/M output = $0.01 is what one plan may cost (input free here): under a
+    $0.0105 cap the first plan fits, the second does not, though the first cost only $0.001."""
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3"])
+        cfg = base_config(tmp_path, api, pools, {"group_portrait": 3}, budget={"max_cost_usd": 0.0105})
+        cfg["llm"]["price_input_per_mtok"] = 0.0
+        (tmp_path / "synth.json").write_text(json.dumps(cfg))
+        summary = run_synthesis(tmp_path / "synth.json", progress=False)
+    finally:
+        api.close()
+    assert summary["stopped"] == "cost budget reached" and len(api.chat_log) == 1
+    assert summary["budget"]["cost_usd"] == pytest.approx(0.001)
+
+
 def test_cli_config_errors_name_the_fix(tmp_path):
     pools = make_pools(tmp_path, ["p1", "p2"])
     cfg = {"out": "out", "pools": pools, "tasks": {"group_portrait": 1},
