@@ -425,6 +425,7 @@ def test_synthesized_manifest_benchmarks_with_the_configured_profile_and_the_exi
 # -- headless: same pixels as training.evaluate, LoRAs, identities, comparison ---------------------------
 def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, micro, world, capsys):
     from training.evaluation import sample_split
+    from training.models import load_kontext
 
     tasks = ["animal_scene", "style_transfer"]
     common = ["--manifest", str(world), "--model", str(micro), "--tasks", *tasks, "--seed", "3",
@@ -437,11 +438,7 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(stacked), "--lora", str(lora), "--lora2", str(lora2)]) == 0
     assert main(common + ["--out", str(tmp_path / "only2"), "--lora", str(lora2)]) == 0
 
-    from training.config import ModelConfig
-    from training.models import load_model
-
-    bundle = load_model(ModelConfig(path=str(micro)), device="cpu", precision="fp32")  # as the CLI loads it on CPU
-    expected = sample_split(bundle, world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
+    expected = sample_split(load_kontext(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
                             cache_dir=tmp_path / "cache")
     assert len(expected) == 2 * PER_TASK
     for out in expected:
