@@ -232,7 +232,7 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 class ImageClient:
-    """The OpenAI-style image endpoint (``edits`` or ``generations``, see synth_config)."""
+    """The OpenAI-style image endpoint (``edits`` or ``generations``, see training/synth/config.py)."""
 
     def __init__(self, config: ImageConfig, budget: Budget):
         self.config, self.profile, self.budget = config, config.profile, budget

@@ -3,7 +3,7 @@ optional target image -> optional judge filter -> manifest with a train/test spl
 
     python -m training.synth --config synth.json [--max-requests N] [--max-cost USD] [--concurrency N]
 
-The config format is in ``training/synth_config.py``; the plan's schema is
+The config format is in ``training/synth/config.py``; the plan's schema is
 ``training/synth/plan_schema.json``. Everything lands in the config's ``out`` folder:
 ``manifest.jsonl`` (DESIGN contract 5; paths relative to it), ``state.jsonl`` (append-only log of
 every pair's steps), ``targets/<id>.png``.
@@ -314,7 +314,7 @@ def _tqdm(**kwargs):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="synthesis config (.json or .toml); see training/synth_config.py")
+    p.add_argument("--config", required=True, help="synthesis config (.json or .toml); see training/synth/config.py")
     p.add_argument("--max-requests", type=at_least(0), help="request budget for this run (overrides the config)")
     p.add_argument("--max-cost", type=at_least(0.0, float), help="USD cap (overrides the config): each call's known or maximum "
                    "price is reserved before it is sent, so the cap is never exceeded")
