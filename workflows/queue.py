@@ -363,8 +363,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: our prompts in flight were cancelled on the servers; rerun the same command to "
-              "continue (finished jobs are skipped)", file=sys.stderr)
+        print("interrupted: rerun the same command to continue (finished batch jobs are skipped)", file=sys.stderr)
         return 130
 
 
