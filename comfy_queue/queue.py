@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 def queue_job(server, workflow: dict, images, instruction: str, seed: int | None = None, out_dir=".",
               prefix: str = "", on_event: EventCallback | None = None, timeout: float | None = None,
-              use_websocket: bool = True) -> list[Path]:
+              use_websocket: bool = True, on_queued=None) -> list[Path]:
     """Run one job on ``server`` (a URL or a :class:`ComfyClient`); returns the downloaded files.
 
     Checks the node types against ``/object_info`` before queueing, so a missing node is named
@@ -75,6 +75,8 @@ def queue_job(server, workflow: dict, images, instruction: str, seed: int | None
             if ws is not None:
                 ws.close()
             raise
+        if on_queued is not None:  # run_batch: what to cancel on the server if the run is interrupted
+            on_queued(prompt_id)
         entry = client.wait(prompt_id, ws, on_event=on_event, timeout=timeout)
         paths = client.download_outputs(entry, out_dir, prefix=prefix, only_nodes=output_node_ids(graph))
         if not paths:
@@ -184,6 +186,7 @@ def run_batch(servers: Iterable[str], jobs: Iterable[Job], out_dir, resume: bool
     lock = threading.Lock()
     outstanding = [len(todo)]  # jobs without a result yet; a worker waits while any may come back
     stop = threading.Event()  # set when the caller stops iterating: take no new jobs
+    running: dict[str, str] = {}  # server -> the prompt id of ours it is running (cancelled on Ctrl-C)
 
     def finish(result: JobResult) -> None:
         with lock:
@@ -211,10 +214,13 @@ def run_batch(servers: Iterable[str], jobs: Iterable[Job], out_dir, resume: bool
                 start = time.monotonic()
                 try:
                     paths = queue_job(client, workflow_for(job), [job.image1, job.image2], job.instruction,
-                                      job.seed, out_dir, prefix=f"{job.id}-", timeout=timeout)
+                                      job.seed, out_dir, prefix=f"{job.id}-", timeout=timeout,
+                                      on_queued=lambda prompt_id: running.__setitem__(client.server, prompt_id))
+                    running.pop(client.server, None)
                     outputs = [str(p.relative_to(out_dir)) for p in paths]
                     finish(JobResult(job, client.server, outputs, None, time.monotonic() - start))
                 except ComfyError as e:
+                    running.pop(client.server, None)
                     if e.server_fault:
                         log.warning("%s; its job %s goes back to the other servers", e, job.id)
                         pending.put(job)
@@ -238,6 +244,23 @@ def run_batch(servers: Iterable[str], jobs: Iterable[Job], out_dir, resume: bool
     finally:
         stop.set()
         bar.close()
+        if running:  # stopped early (Ctrl-C): our prompts must not keep the servers busy
+            cancel_prompts(dict(running))
+
+
+def cancel_prompts(running: dict[str, str]) -> None:
+    """Take each ``{server: prompt id}`` off its server: deleted from the queue if it waits there,
+    interrupted if it runs (``/interrupt`` with the id stops that prompt only, not another user's)."""
+    import requests
+
+    for server, prompt_id in running.items():
+        try:
+            requests.post(f"{server}/queue", json={"delete": [prompt_id]}, timeout=2)
+            requests.post(f"{server}/interrupt", json={"prompt_id": prompt_id}, timeout=2)
+            log.warning("cancelled prompt %s on %s", prompt_id, server)
+        except requests.RequestException as e:
+            log.warning("could not cancel prompt %s on %s (%s); it may still run there", prompt_id, server,
+                        type(e).__name__)
 
 
 def _collect(results, pending, alive: int, results_path: Path, bar) -> Iterator[JobResult]:
@@ -336,6 +359,9 @@ def main(argv=None) -> int:
     except ComfyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue (finished batch jobs are skipped)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

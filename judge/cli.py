@@ -75,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--config", type=Path, default=None, help="judges config file (default: see judge/config.py)")
     p.add_argument("--cache-dir", type=Path, default=None, help="answer cache folder")
     p.add_argument("--list-profiles", action="store_true", help="list profiles (no keys) and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -117,7 +118,7 @@ def run(args) -> dict:
     base = {"profile": name, "judge": judge.name, "mode": mode}
     started = time.monotonic()
     try:
-        _judge_all(todo, manifest.parent, index, submit, verdict_log, base, window)
+        _judge_all(todo, manifest.parent, index, submit, verdict_log, base, window, not args.quiet)
     finally:
         pool.close()
         accounting = getattr(judge, "accounting", None)
@@ -134,7 +135,7 @@ def run(args) -> dict:
 
 
 class _NoBar:  # without tqdm (it comes with the train extra) the run is the same, only quieter
-    def __init__(self, total, **_):
+    def __init__(self, total=None, **_):
         self.n = 0
 
     def update(self, n):
@@ -144,14 +145,15 @@ class _NoBar:  # without tqdm (it comes with the train extra) the run is the sam
         pass
 
 
-def _judge_all(todo, manifest_dir, index, submit, verdict_log, base, window):
+def _judge_all(todo, manifest_dir, index, submit, verdict_log, base, window, progress=True):
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = _NoBar
 
     pending = {}
-    bar = tqdm(total=len(todo), desc=f"judge {base['profile']}", unit="sample", file=sys.stderr)
+    bar = tqdm(total=len(todo), desc=f"judge {base['profile']}", unit="sample", file=sys.stderr,
+               disable=not progress)
     try:
         for sample in todo:
             output = index.get(sample.id)

@@ -13,6 +13,7 @@ import io
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -64,9 +65,11 @@ class FakeAPI:
         self.plan_rule = plan_rule
         self.chat_faults: list[int] = []  # statuses to answer next, in order
         self.image_faults: list[int] = []
+        self.image_delay_s = 0.0  # seconds each image takes (requests overlap at concurrency > 1)
         self.chat_log: list[dict] = []  # one entry per answered (200) chat request
         self.image_log: list[dict] = []
         self.faults_served: list[tuple[str, int]] = []
+        self.started: list[tuple[str, float]] = []  # (chat|image, time.monotonic()) as each request arrives
         self.lock = threading.Lock()
         api = self
 
@@ -90,6 +93,7 @@ class FakeAPI:
                     return self._reply(401, {"error": {"message": "bad key"}})
                 kind = "chat" if self.path.endswith("/chat/completions") else "image"
                 with api.lock:
+                    api.started.append((kind, time.monotonic()))
                     faults = api.chat_faults if kind == "chat" else api.image_faults
                     fault = faults.pop(0) if faults else None
                     if fault:
@@ -124,6 +128,7 @@ class FakeAPI:
                 "usage": {"prompt_tokens": 1000, "completion_tokens": 200}}
 
     def image(self, path, content_type, body):
+        time.sleep(self.image_delay_s)
         if path.endswith("/images/edits"):
             msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                 f"Content-Type: {content_type}\r\n\r\n".encode() + body)

@@ -19,7 +19,7 @@ from synth_fakes import KEY_ENV, SECRET, FakeAPI, color_name, make_pools, mean_c
 from judge.manifest import parse_line
 from training.synth.loop import run_synthesis
 from training.synth.config import ConfigError, load_config, parse_config
-from training.synth.pairs import iter_pairs, pair_key, scan_pools, split_of
+from training.synth.pairs import assign_splits, iter_pairs, pair_key, scan_pools, split_of
 from training.synth.instructions import parse_reply, schema_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_synthesis_with_edits_judge_faults_and_resume(tmp_path, api_key, caplog)
         base_config(tmp_path, api, pools, {"animal_scene": 4, "style_transfer": 3},
                     image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "endpoint": "edits",
                            "size": "256x256", "backoff_base_s": 0.01, "backoff_max_s": 0.02, "price_per_image": 0.01},
-                    judge={"threshold": 0.99})
+                    judge={"min_yes": 3})
         cfg = tmp_path / "synth.json"
         out = tmp_path / "out"
 
@@ -171,6 +171,18 @@ def test_budget_stop_then_resume_with_concurrency_no_duplicates(tmp_path, api_ke
     assert groups == {frozenset(p) for p in (("p1", "p2"), ("p1", "p3"), ("p2", "p3"))}
 
 
+def test_the_progress_bar_shows_attempts_and_spend(tmp_path, api_key, capsys):
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "c1"])
+        base_config(tmp_path, api, pools, {"clothing_replace": 2})
+        run_synthesis(tmp_path / "synth.json", progress=True)
+    finally:
+        api.close()
+    err = capsys.readouterr().err
+    assert "samples kept: 100%" in err and "2 pairs tried, 2 requests, $0.0040 spent" in err
+
+
 def test_repeated_instruction_is_sent_back(tmp_path, api_key):
     def rule(task, names, followups):
         if not followups:
@@ -245,10 +257,15 @@ def test_cli_generations_cost_budget_and_rerun(tmp_path):
         run = run_cli("--config", tmp_path / "synth.json")
         assert run.returncode == 3, run.stderr
         assert "stopped early: cost budget reached" in run.stderr and SECRET not in run.stderr + run.stdout
-        assert len(read_manifest(tmp_path / "out")) == 2
+        # plan $0.002 + image $0.50, twice, is $1.004: the second image does not fit under $1 and is not asked
+        assert len(read_manifest(tmp_path / "out")) == 1 and len(api.image_log) == 1
+        spent = json.loads(run.stdout)["budget"]
+        assert spent["total_cost_usd"] == pytest.approx(0.504) and spent["total_cost_usd"] <= 1.0
+        assert "spent $0.5040 of the $1 cap over all runs of this folder" in run.stderr
         run = run_cli("--config", tmp_path / "synth.json", "--max-cost", 10)
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["tasks"]["person_scene"]["kept"] == 3
+        assert json.loads(run.stdout)["budget"]["total_cost_usd"] == pytest.approx(3 * 0.502)
     finally:
         api.close()
     samples = read_manifest(tmp_path / "out")
@@ -256,6 +273,99 @@ def test_cli_generations_cost_budget_and_rerun(tmp_path):
     for s, call in zip(samples, api.image_log):
         assert call["response_format"] == "b64_json" and call["prompt"].startswith(s.instruction)
         assert Image.open(tmp_path / "out" / s.target).getpixel((0, 0)) == (len(call["prompt"]) % 256, 7, 7)
+
+
+def test_cost_cap_holds_at_concurrency_8_and_a_rerun_continues_the_budget(tmp_path, api_key):
+    """Images take 0.2 s, eight pairs in flight: each image's price is reserved before it is sent, so
+    $0.25 buys two $0.10 images, not eight. A rerun (scope total) counts that spend and buys nothing
+    more; --budget-scope run gives the rerun a cap of its own."""
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    api.image_delay_s = 0.2
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3", "c1", "c2"])
+        base_config(tmp_path, api, pools, {"group_portrait": 3, "clothing_replace": 6}, concurrency=8,
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "price_per_image": 0.1},
+                    budget={"max_cost_usd": 0.25})
+        cfg = load_config(tmp_path / "synth.json")
+        cfg.llm.profile = cfg.llm.profile.with_overrides(price_input_per_mtok=0.0, price_output_per_mtok=0.0)
+        first = run_synthesis(cfg, progress=False)
+        assert first["stopped"] == "cost budget reached"
+        assert len(api.image_log) == 2 and first["budget"]["cost_usd"] == pytest.approx(0.2)
+        ledger = json.loads((tmp_path / "out" / "spend.json").read_text())
+        assert ledger["total_usd"] == pytest.approx(0.2)
+
+        second = run_synthesis(cfg, progress=False)  # scope total: $0.05 left, an image costs $0.10
+        assert second["stopped"] == "cost budget reached" and len(api.image_log) == 2
+        assert second["budget"]["total_cost_usd"] == pytest.approx(0.2)
+
+        cfg.budget_scope = "run"
+        third = run_synthesis(cfg, progress=False)
+        assert len(api.image_log) == 4 and third["budget"]["cost_usd"] == pytest.approx(0.2)
+        assert third["budget"]["total_cost_usd"] == pytest.approx(0.4)
+    finally:
+        api.close()
+    assert len(read_manifest(tmp_path / "out")) == 4
+
+
+def test_ctrl_c_stops_paid_calls_exits_130_at_once_and_the_rerun_finishes(tmp_path):
+    """Issue 20 item 6: images take 8 s; Ctrl-C while two are in flight exits 130 within ~2 s with
+    a one-line summary and the rerun hint (no traceback), sends no request after the signal, and a
+    rerun finishes the set without duplicates."""
+    import signal
+    import time
+
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    api.image_delay_s = 8.0
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3", "c1", "c2"])
+        base_config(tmp_path, api, pools, {"clothing_replace": 4}, concurrency=2,
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "price_per_image": 0.1})
+        env = {**os.environ, KEY_ENV: SECRET}
+        proc = subprocess.Popen([sys.executable, "-m", "training.synth", "--config", str(tmp_path / "synth.json"), "-q"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(kind == "image" for kind, _ in api.started) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+        assert proc.returncode == 130, err
+        assert took < 3.0, f"took {took:.1f} s to exit after Ctrl-C"
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("interrupted: 0 of 4 samples kept, 2 pairs half done") and \
+            "rerun the same command to continue" in last and "spent $0.0" in last
+        assert not [t for _, t in api.started if t > signalled]  # no request after Ctrl-C
+        assert json.loads((tmp_path / "out" / "spend.json").read_text())["total_usd"] == pytest.approx(
+            0.2 + 2 * 0.0, abs=0.05)  # the two images in flight count as spent (they may be billed)
+
+        api.image_delay_s = 0.0
+        run = run_cli("--config", tmp_path / "synth.json")
+        assert run.returncode == 0, run.stderr
+    finally:
+        api.close()
+    samples = read_manifest(tmp_path / "out")
+    assert len(samples) == 4
+    assert_no_duplicates(samples)
+    assert sum(kind == "chat" for kind, _ in api.started) == 4  # the two plans made before Ctrl-C were kept
+
+
+def test_an_llm_call_whose_maximum_price_does_not_fit_is_not_sent(tmp_path, api_key):
+    """max_tokens 2000 x $5/M output = $0.01 is what one plan may cost (input free here): under a
+    $0.0105 cap the first plan fits, the second does not, though the first cost only $0.001."""
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3"])
+        cfg = base_config(tmp_path, api, pools, {"group_portrait": 3}, budget={"max_cost_usd": 0.0105})
+        cfg["llm"]["price_input_per_mtok"] = 0.0
+        (tmp_path / "synth.json").write_text(json.dumps(cfg))
+        summary = run_synthesis(tmp_path / "synth.json", progress=False)
+    finally:
+        api.close()
+    assert summary["stopped"] == "cost budget reached" and len(api.chat_log) == 1
+    assert summary["budget"]["cost_usd"] == pytest.approx(0.001)
 
 
 def test_cli_config_errors_name_the_fix(tmp_path):
@@ -275,6 +385,10 @@ def test_cli_config_errors_name_the_fix(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     run = run_cli("--config", tmp_path / "c.json")
     assert run.returncode == 2 and "theme clothing" in run.stderr and "pools.clothing" in run.stderr
+
+    for flag, value in (("--concurrency", "0"), ("--max-cost", "-1")):  # the flag is named (issue 20 item 8)
+        run = run_cli("--config", tmp_path / "b.json", flag, value)
+        assert run.returncode == 2 and f"argument {flag}: '{value}' is not" in run.stderr
 
 
 # -- pieces ----------------------------------------------------------------------------------
@@ -303,6 +417,16 @@ def test_pairs_are_distinct_seeded_and_keyed_by_content(tmp_path):
     assert pair_key("clothing_replace", "a", "b") != pair_key("clothing_replace", "b", "a")
     splits = [split_of(f"{i:020x}", 0.25) for i in range(400)]
     assert 60 < splits.count("test") < 140 and splits == [split_of(f"{i:020x}", 0.25) for i in range(400)]
+    # issue 20 item 8: a task of >= 2 samples always has a test sample; the hash split is kept otherwise
+    keys = {f"t{t}": [f"{t}-{i:020x}" for i in range(n)] for t, n in enumerate([1, 2, 3, 5, 40])}
+    for fraction in (0.01, 0.1, 0.25):
+        assigned = assign_splits(keys, fraction)
+        for task, own in keys.items():
+            tests = [k for k in own if assigned[k] == "test"]
+            assert len(own) < 2 or tests, (task, fraction)
+            by_hash = [k for k in own if split_of(k, fraction) == "test"]
+            assert tests == by_hash or (not by_hash and len(tests) == 1)
+    assert set(assign_splits(keys, 0.0).values()) == {"train"}
 
 
 def test_config_rejects_unknown_fields_and_insecure_key_use(tmp_path):

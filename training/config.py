@@ -251,6 +251,24 @@ def check_value(value, hint, name: str):
     raise ConfigError(f"{name}: expected {_expected(hint)}, got {value!r}")
 
 
+def at_least(minimum, kind=int):
+    """An argparse ``type`` for a number >= ``minimum``: a bad value is an argparse error, which
+    names the flag (``argument --concurrency: 0 is not a whole number >= 1``), exit status 2."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_expected(kind)} >= {minimum:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's own messages name the type
+    return parse
+
+
 def build_config(cls, values: dict, prefix: str = ""):
     """A ``cls`` dataclass from plain data: unknown keys and wrongly typed values are ConfigErrors."""
     if not isinstance(values, dict):

@@ -12,24 +12,35 @@ base on the DualShapes toy world's test split with the toy judge (building both 
     python -m training.bench --compare runs/bench/toy runs/bench/toy+lora --out runs/bench/compare
 
 A run folder (``--out``, default ``runs/bench/<label>``) holds the outputs (``outputs/<id>.png``),
-the verdicts per judge (``judge/<profile>-<mode>/verdicts.jsonl``), ``table2.md``/``.json`` and
-``report.html``; its layout is described in training/bench/run_folder.py. Rerunning the same command
+the verdicts per judge (``judge/<profile>-<mode>/verdicts.jsonl``), the tables per judge
+(``table2.<profile>-<mode>.md``/``.json``; judging again with another judge adds its own beside the
+earlier ones), ``table2.md``/``.json`` with every judge's tables, and ``report.html`` (the same
+judges' tables and verdicts); its layout is described in training/bench/run_folder.py. Rerunning the same command
 resumes: existing outputs are reused, judged samples are not judged again, and samples that failed
 (generator error, unjudged) are retried. Failures are reported and counted, never scored 0.
+
+Without ``--judge`` the judge is the toy judge for toy-world manifests (every sample has a toy-world
+plan), else the configured default profile (judge/config.py); the choice is printed.
+Exit status: 0 every sample has an output and a verdict from every judge (or the shortfall is within
+``--allow-missing``), 1 some are missing (the tables are written; the first reasons are printed),
+2 a bad request (manifest, model, LoRA, judge profile), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from comfy_queue.comfy_errors import ComfyError
-from judge.config import default_profile_name, load_profiles
+from judge.config import PROFILE_ENV, default_profile_name, load_profiles
 from judge.manifest import SINGLE_TASKS, TASKS
+from judge.toy import PLAN_VERSION
 
+from ..config import at_least
 from ..files import cache_dir_for
 from ..toy.world import generate_world
 from .generators import NO_LORA, ComfyGenerator, HeadlessGenerator, generate_missing
@@ -50,12 +61,12 @@ def parse_args(argv=None):
                    "generated if absent)")
     p.add_argument("--split", default="test", help="split to benchmark (default: test)")
     p.add_argument("--tasks", nargs="+", help="tasks to include (default: the five dual tasks; --single: single_edit)")
-    p.add_argument("--limit-per-task", type=int, help="at most N samples of each task (the first N in the manifest)")
+    p.add_argument("--limit-per-task", type=at_least(1), help="at most N samples of each task (the first N in the manifest)")
     p.add_argument("--generator", choices=("headless", "comfyui"), default="headless")
     p.add_argument("--server", action="append", default=[], help="comfyui: a ComfyUI URL; repeat to share the work")
     p.add_argument("--workflow-dir", type=Path, help="comfyui: folder of <task>.json API workflows "
                    "(default: the pack's comfy_queue/api)")
-    p.add_argument("--timeout", type=float, help="comfyui: seconds to wait for one job")
+    p.add_argument("--timeout", type=at_least(0.001, float), help="comfyui: seconds to wait for one job")
     p.add_argument("--model", help="headless: a Kontext diffusers folder or 'toy' (default); "
                    "comfyui: the UNETLoader file name (default: the workflow's)")
     p.add_argument("--lora", help="the SFT LoRA (headless: a .safetensors path; comfyui: a file name in the server's "
@@ -65,15 +76,19 @@ def parse_args(argv=None):
     p.add_argument("--lora2-scale", type=float, default=1.0)
     p.add_argument("--layout", choices=("diagonal", "offset", "index", "uxo"),
                    help="reference layout (default: diagonal; comfyui: the workflow's)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's / the workflow's)")
+    p.add_argument("--steps", type=at_least(1), help="sampling steps (default: the model's / the workflow's)")
     p.add_argument("--guidance", type=float, help="guidance (default: the model's / the workflow's)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i of the selection gets seed*1000003+i")
-    p.add_argument("--batch-size", type=int, default=16, help="headless sampling batch")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="headless sampling batch")
     p.add_argument("--judge", action="append", default=[], metavar="PROFILE",
-                   help="judge profile; repeat for several judges side by side (default: toy for toy data)")
+                   help="judge profile; repeat for several judges side by side (default: the configured default "
+                   "profile; the toy judge for toy-world manifests)")
+    p.add_argument("--allow-missing", type=fraction, default=0.0, metavar="FRACTION",
+                   help="exit 0 even when up to this fraction of the samples has no output or no verdict "
+                   "(default 0: any such sample makes the run exit 1)")
     p.add_argument("--judge-config", type=Path, help="judges config file (default: see judge/config.py)")
     p.add_argument("--judge-mode", choices=("binary", "probability"), help="override the profiles' mode")
-    p.add_argument("--concurrency", type=int, help="override the judge profiles' concurrency")
+    p.add_argument("--concurrency", type=at_least(1), help="override the judge profiles' concurrency")
     p.add_argument("--out", type=Path, help="run folder (default: runs/bench/<label>)")
     p.add_argument("--label", help="the model's name in tables (default: from model and LoRAs)")
     p.add_argument("--single", action="store_true", help="Table 1: single-reference edits, base vs --lora, 0-10 judge")
@@ -83,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--device", help="headless: torch device (default: cuda where available, else cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16"),
                    help="headless: the transformer's precision (default: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--report-rows", type=int, default=64, help="samples per task shown in report.html (default 64)")
+    p.add_argument("--report-rows", type=at_least(0), default=64, help="samples per task shown in report.html (default 64)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -103,15 +118,70 @@ def default_manifest() -> Path:
     return manifest
 
 
-def default_judges(selected, config) -> list[str]:
-    if all(isinstance(s.sample.plan, dict) for s in selected):
-        return ["toy"]
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1] (e.g. 0.05 for 5%%)")
+    return value
 
+
+def is_toy_world(selected) -> bool:
+    """Every sample carries a DualShapes plan of the version the toy judge reads (a synthesized
+    manifest's LLM plans do not)."""
+    return all(isinstance(s.sample.plan, dict) and s.sample.plan.get("version") == PLAN_VERSION for s in selected)
+
+
+def default_judges(selected, config) -> list[str]:
+    """No ``--judge``: the toy judge for toy-world samples, else the configured default profile; the
+    choice is printed, never made silently."""
+    if is_toy_world(selected):
+        print("judge: toy (every sample has a toy-world plan); pass --judge PROFILE for another")
+        return ["toy"]
     name = default_profile_name(load_profiles(config))
     if name == "toy":
-        raise BenchError("these samples have no toy-world plans, so the toy judge cannot score them; pass "
-                         "--judge PROFILE (an OpenAI-compatible VLM profile, see judge/judges.example.json)")
+        raise BenchError("these samples are not toy-world samples (no toy-world plans), so the toy judge cannot "
+                         "score them, and no other judge profile is configured; pass --judge PROFILE (an "
+                         "OpenAI-compatible VLM profile, see judge/judges.example.json) or --judge-config FILE")
+    why = f"${PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else "the configured default profile"
+    print(f"judge: {name} ({why}); pass --judge PROFILE for another")
     return [name]
+
+
+def unscored(run: RunDir, summaries: dict, allow: float) -> list[str]:
+    """Why the run is not a full result: per judge, the samples left without an output or a verdict
+    when they are more than ``allow`` of the whole; empty when the run may exit 0."""
+    problems = []
+    for key, summary in summaries.items():
+        total = summary.get("n_samples") or 0
+        o = summary.get("overall", {})
+        short = total - o.get("n_judged", 0)
+        if short == 0 or (total and short / total <= allow):
+            continue
+        errors = summary.get("generator_errors") or {}
+        ids = [s.id for s in run.samples()]
+        records = run.verdicts(key)
+        reasons = [f"{i}: " + (f"{records[i].get('status')}: {errors.get(i) or records[i].get('reason')}"
+                               if i in records else "not judged (interrupted?)")
+                   for i in ids if records.get(i, {}).get("status") != "judged"]
+        counts = ", ".join(f"{o.get('n_' + s, 0)} {label}" for s, label in
+                           (("missing", "without output"), ("unjudged", "unjudged"), ("bad_input", "bad input")))
+        problems.append(f"[{run.label()}] judge {key}: {short} of {total} samples have no verdict ({counts}); "
+                        f"--allow-missing is {allow:g}. First reasons:\n"
+                        + "\n".join(f"    {r}" for r in reasons[:5]))
+    return problems
+
+
+def report_unscored(problems: list[str]) -> int:
+    if not problems:
+        return 0
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print("the results above are incomplete: fix the cause and rerun the same command (finished samples are kept), "
+          "or pass --allow-missing FRACTION to accept them", file=sys.stderr)
+    return 1
 
 
 def _loras(args) -> list[tuple[str, float]]:
@@ -159,10 +229,11 @@ class Judging:
     config: Path | None = None
     mode: str | None = None
     concurrency: int | None = None
+    quiet: bool = False  # no progress bar
 
     @classmethod
     def from_args(cls, args) -> "Judging":
-        return cls(args.judge_config, args.judge_mode, args.concurrency)
+        return cls(args.judge_config, args.judge_mode, args.concurrency, args.quiet)
 
 
 def judge_modes(judging: Judging, judges, mode=None) -> list[tuple[str, str]]:
@@ -180,7 +251,8 @@ def bench_run(run: RunDir, selected, manifest: Path, generator, label: str, judg
           f"{counts['errors']} generator errors ({counts['seconds']:.1f} s)")
     summaries = {}
     for profile, judge_mode in judges:
-        summary = run.judge(profile, judge_mode, mode or judging.mode, judging.config, judging.concurrency)
+        summary = run.judge(profile, judge_mode, mode or judging.mode, judging.config, judging.concurrency,
+                            judging.quiet)
         o = summary["overall"]
         print(f"[{label}] judge {profile}-{judge_mode}: {o['n_judged']} judged, {o['n_unjudged']} unjudged, "
               f"{o['n_missing']} without output, {o['n_bad_input']} bad input ({summary.get('wall_s', 0):.1f} s)")
@@ -201,13 +273,28 @@ def table2(args) -> int:
           f"({len({s.sample.task for s in selected})} tasks), generator {generator.kind}, "
           f"judges {', '.join(p for p, _ in judges)}")
     summaries = bench_run(run, selected, manifest, generator, label, judges, Judging.from_args(args), args.split)
+    md, js, report = write_run_results(run, label, args.report_rows, first=list(summaries))
+    print()
+    print(table_text(run_tables(label, summaries)))
+    print(f"results: {md}, {js}, {report}")
+    return report_unscored(unscored(run, summaries, args.allow_missing))
+
+
+def write_run_results(run: RunDir, label: str, report_rows: int | None, first=()) -> tuple[Path, Path, Path]:
+    """The run folder's tables and report, from every judge that has results in it: one
+    ``table2.<profile>-<mode>.md/.json`` per judge (re-judging with another judge writes its tables
+    beside the earlier ones), ``table2.md/.json`` with all of them, and report.html showing those
+    judges' tables and verdicts, no more and no fewer. ``first``: this run's judges, listed first."""
+    keys = [k for k in first if k in run.judge_keys()] + [k for k in run.judge_keys() if k not in first]
+    summaries = {key: run.summary(key) for key in keys}
+    for key in keys:
+        write_tables(run.root, f"table2.{key}", run_tables(label, {key: summaries[key]}),
+                     {"label": label, "judges": {key: summaries[key]}})
     tables = run_tables(label, summaries)
     md, js = write_tables(run.root, "table2", tables, {"label": label, "judges": summaries})
-    report = write_report(run.root / "report.html", f"DualRef benchmark - {label}", [run], tables, args.report_rows)
-    print()
-    print(table_text(tables))
-    print(f"results: {md}, {js}, {report}")
-    return 0
+    report = write_report(run.root / "report.html", f"DualRef benchmark - {label}", [run], tables, report_rows,
+                          judge_keys=keys)
+    return md, js, report
 
 
 def table1(args) -> int:
@@ -245,7 +332,7 @@ def table1(args) -> int:
     if not loras:
         print("(pass --lora to add the fine-tuned row)")
     print(f"results: {md}, {js}, {report}")
-    return 0
+    return report_unscored([p for _, summaries, run in runs for p in unscored(run, summaries, args.allow_missing)])
 
 
 def compare(args) -> int:

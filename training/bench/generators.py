@@ -232,6 +232,80 @@ def apply_overrides(graph: dict, where: str, *, model=None, sft_lora=None, ddpo_
     return graph
 
 
+# Loader inputs that name a file in a ComfyUI models folder, and that folder.
+MODEL_INPUTS = {"unet_name": "diffusion_models", "ckpt_name": "checkpoints", "lora_name": "loras",
+                "sft_lora": "loras", "ddpo_lora": "loras", "vae_name": "vae", "clip_name": "text_encoders",
+                "clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name3": "text_encoders"}
+
+
+def named_model_files(graphs: dict) -> list[tuple[str, str]]:
+    """``(models folder, file name)`` of every model and LoRA file the graphs load."""
+    named = set()
+    for graph in graphs.values():
+        for node in graph.values():
+            for key, value in node.get("inputs", {}).items():
+                if key in MODEL_INPUTS and isinstance(value, str) and value not in ("", "None", NO_LORA):
+                    named.add((MODEL_INPUTS[key], value))
+    return sorted(named)
+
+
+def server_model_files(servers, files, timeout: float = 30.0) -> dict:
+    """What the servers say about each named file, for the outputs' identity: its size and
+    modification time (``/experiment/models/<folder>``, ComfyUI >= 0.3) and a digest of its
+    safetensors header (``/view_metadata/<folder>``; DualRef LoRAs carry their training facts
+    there). ComfyUI serves no content hashes and no model bytes, so size + time + header are what
+    can be known; a file replaced under the same name changes its time. A file no server can
+    describe is marked ``unverified`` and the run folder then refuses to reuse outputs."""
+    import requests
+
+    facts: dict[str, dict] = {}
+    with requests.Session() as session:
+        session.trust_env = False
+        listings = {}
+        for server in servers:
+            for folder in sorted({f for f, _ in files}):
+                try:
+                    r = session.get(f"{server.rstrip('/')}/experiment/models/{folder}", timeout=timeout)
+                    listings[server, folder] = {e["name"]: e for e in r.json()} if r.ok else None
+                except (requests.RequestException, ValueError, KeyError, TypeError):
+                    listings[server, folder] = None
+        for folder, name in files:
+            seen = []
+            for server in servers:
+                listing = listings[server, folder]
+                if listing is None:
+                    seen.append(None)
+                    continue
+                entry = listing.get(name)
+                if entry is None:
+                    seen.append({"absent": True})
+                    continue
+                header = None
+                if name.endswith(".safetensors"):
+                    try:
+                        r = session.get(f"{server.rstrip('/')}/view_metadata/{folder}", params={"filename": name},
+                                        timeout=timeout)
+                        if r.ok:
+                            blob = json.dumps(r.json(), sort_keys=True).encode()
+                            header = hashlib.sha256(blob).hexdigest()[:16]
+                    except (requests.RequestException, ValueError):
+                        pass
+                seen.append({"size": entry.get("size"), "modified": entry.get("modified"), "header": header})
+            key = f"{folder}/{name}"
+            if any(v is None or v.get("size") is None for v in seen if not (v or {}).get("absent")):
+                facts[key] = {"unverified": True}
+            elif any(v.get("absent") for v in seen):
+                facts[key] = {"absent_on": [s for s, v in zip(servers, seen) if v.get("absent")]}
+            else:
+                sizes, headers = {v["size"] for v in seen}, {v["header"] for v in seen}
+                if len(sizes) > 1 or len(headers) > 1:
+                    raise BenchError(f"the servers hold different files named {name} in models/{folder} "
+                                     f"({', '.join(servers)}); copy the same file to each")
+                facts[key] = {"size": sizes.pop(), "header": headers.pop(),
+                              "modified": max(v["modified"] or 0 for v in seen)}
+    return facts
+
+
 class ComfyGenerator:
     """Queues each sample's task workflow (``comfy_queue/api/<task>.json``, or ``<workflow_dir>/<task>.json``)
     on one or more ComfyUI servers with ``comfy_queue.queue.run_batch``. Model and LoRA names are file
@@ -256,6 +330,7 @@ class ComfyGenerator:
         if not self.graphs:
             raise BenchError(f"no <task>.json API workflows in {workflow_dir}")
         self.paths: dict[str, Path] = {}
+        self._files: dict | None = None
 
     @property
     def label(self) -> str:
@@ -269,8 +344,14 @@ class ComfyGenerator:
         return "+".join(parts) + (f" ({layout})" if layout not in (None, "diagonal") else "")
 
     def identity(self) -> dict:
+        """The workflows, the seed, and what the servers say about the model and LoRA files the
+        workflows name (see :func:`server_model_files`), so a LoRA replaced under the same name on
+        a server does not pass for the one that made the outputs."""
         blob = json.dumps(self.graphs, sort_keys=True).encode()
-        return {"generator": self.kind, "workflows": hashlib.sha256(blob).hexdigest()[:16], "seed": self.seed}
+        if self._files is None:
+            self._files = server_model_files(self.servers, named_model_files(self.graphs))
+        return {"generator": self.kind, "workflows": hashlib.sha256(blob).hexdigest()[:16], "seed": self.seed,
+                "files": self._files}
 
     def describe(self) -> dict:
         return {"generator": self.kind, "servers": self.servers, "seed": self.seed,

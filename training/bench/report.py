@@ -169,6 +169,21 @@ def verdict_text(record: dict | None, generator_error: str | None = None) -> tup
     return f"{status}: {reason}", "na", reason
 
 
+def flat_colour(path: Path) -> tuple | None:
+    """The colour of an output whose every pixel has it (all black, all grey: a broken model, VAE
+    or precision, which a judge may still half-reward), else None."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+    except OSError:
+        return None
+    first = pixels.reshape(-1, 3)[0]
+    return tuple(int(c) for c in first) if (pixels == first).all() else None
+
+
 def _img(path: Path, report_dir: Path) -> str:
     if not path.is_file():
         return "<span class=na>(missing)</span>"
@@ -176,13 +191,17 @@ def _img(path: Path, report_dir: Path) -> str:
     return f'<a href="{src}"><img loading=lazy src="{src}"></a>'
 
 
-def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_rows: int | None = None) -> Path:
+def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_rows: int | None = None,
+                 judge_keys: list[str] | None = None) -> Path:
     """An HTML page: the tables, then per task the samples with both references, target and each run's
-    output and verdicts. Images are linked by relative path (the report travels with the run folders)."""
+    output and verdicts. Images are linked by relative path (the report travels with the run folders).
+    ``judge_keys``: the judges whose verdicts are shown (default: every judge with results), which
+    must be the judges of ``tables``."""
     path = Path(path)
     report_dir = path.parent
     labels = [r.label() for r in runs]
-    verdicts = [{key: r.verdicts(key) for key in r.judge_keys()} for r in runs]
+    verdicts = [{key: r.verdicts(key) for key in r.judge_keys() if judge_keys is None or key in judge_keys}
+                for r in runs]
     errors = [{i: g.get("reason") for i, g in r.generation_records().items() if g.get("status") == "error"}
               for r in runs]
     samples, owner = [], {}
@@ -200,6 +219,17 @@ def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_
         info = run.info()
         settings = {k: v for k, v in info.get("generator", {}).items() if v not in (None, [], {})}
         parts.append(f"<p><b>{html.escape(label)}</b>: {html.escape(json.dumps(settings))}</p>")
+    flat = {}
+    for run, label in zip(runs, labels):
+        for s in run.samples():
+            colour = flat_colour(run.outputs / f"{s.id}.png")
+            if colour is not None:
+                flat[(run.root, s.id)] = (label, colour)
+    if flat:
+        listed = ", ".join(f"{label}: {i} {c}" for (_, i), (label, c) in list(flat.items())[:10])
+        parts.append(f"<p class=bad>{len(flat)} output(s) are one flat colour (every pixel the same; all black "
+                     f"is (0, 0, 0)): {html.escape(listed)}{' ...' if len(flat) > 10 else ''}. Check the model, "
+                     "VAE and precision before trusting these scores.</p>")
     parts += [t.html() for t in tables]
     parts.append("<p>" + " · ".join(f'<a href="#{html.escape(t)}">{html.escape(t)} ({len(v)})</a>'
                                    for t, v in by_task.items()) + "</p>")
@@ -224,6 +254,8 @@ def write_report(path, title: str, runs: list[RunDir], tables: list[Table], max_
                 out = run.outputs / f"{s.id}.png"
                 shown_image = _img(out, report_dir) if out.is_file() else \
                     f"<span class=bad>{html.escape('no output: ' + (errs.get(s.id) or 'not generated'))}</span>"
+                if (run.root, s.id) in flat:
+                    shown_image += f"<div class=bad>flat colour {flat[run.root, s.id][1]}</div>"
                 cells.append(f"<td>{shown_image}{''.join(lines)}</td>")
             parts.append("<tr>" + "".join(cells) + "</tr>")
         parts.append("</table>")

@@ -102,9 +102,17 @@ class RunDir:
     def prepare(self, selected: list[Selected], source_manifest, identity: dict, label: str, extra=None) -> None:
         """Write the run's manifest and run.json; refuse to mix outputs of another generator setting."""
         info = self.info()
+        unverified = sorted(k for k, v in (identity.get("files") or {}).items() if v.get("unverified"))
+        if unverified and self.output_ids():
+            raise BenchError(f"{self.root} holds outputs, and the server cannot say whether {', '.join(unverified)} "
+                             "changed since they were made (no /experiment/models listing); pass another --out, "
+                             "or delete the folder to start over")
         if info and info.get("identity") != identity and self.output_ids():
-            changed = sorted(k for k in set(identity) | set(info.get("identity", {}))
-                             if identity.get(k) != info.get("identity", {}).get(k))
+            old = info.get("identity", {})
+            changed = sorted(k for k in set(identity) | set(old) if identity.get(k) != old.get(k))
+            files = identity.get("files") or {}
+            changed += sorted(k for k in set(files) | set(old.get("files") or {})
+                              if files.get(k) != (old.get("files") or {}).get(k))
             raise BenchError(f"{self.root} holds outputs made with other settings ({', '.join(changed)} differ); "
                              "pass another --out, or delete the folder to start over")
         if info and info.get("identity") != identity:  # no outputs left: earlier verdicts judged other images
@@ -193,7 +201,7 @@ class RunDir:
         return self.root / "judge" / f"{profile}-{mode}"
 
     def judge(self, profile: str, mode: str, mode_override: str | None = None, config=None,
-              concurrency: int | None = None) -> dict:
+              concurrency: int | None = None, quiet: bool = False) -> dict:
         """Judge every output with the judge CLI's own loop (resumable); returns its summary, plus
         the generator's reason for each sample without an output."""
 
@@ -202,6 +210,7 @@ class RunDir:
         argv += ["--mode", mode_override] if mode_override else []
         argv += ["--config", str(config)] if config else []
         argv += ["--concurrency", str(concurrency)] if concurrency else []
+        argv += ["--quiet"] if quiet else []
         summary = run(parse_args(argv))
         generated = self.generation_records()
         ids = {s.id for s in self.samples()}

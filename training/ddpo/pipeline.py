@@ -289,7 +289,7 @@ def parse_args(argv=None):
                    "an existing one is continued")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (default: the newest runs/ddpo-*)")
     p.add_argument("--seed", type=int, help="run.seed (SFT and DDPO; the toy world and base stay fixed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 

@@ -37,7 +37,7 @@ def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: P
     manifest = Path(cfg.data.manifest)
     cache = cache_dir_for(manifest, cfg.data.cache_dir)
     tasks = cfg.data.tasks or list(TASKS)
-    judging = Judging(config=cfg.judge.config, mode=e.mode)
+    judging = Judging(config=cfg.judge.config, mode=e.mode, quiet=not cfg.run.progress)
     judges = judge_modes(judging, e.judges or [cfg.judge.profile])
     bundle = load_model(cfg.model, device=device, precision=cfg.run.precision)
     loras = {"base": [], "sft": [(sft_lora, 1.0)], "sft_ddpo": [(sft_lora, 1.0), (ddpo_lora, 1.0)]}

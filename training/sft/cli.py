@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser.add_argument("--skip-bad", action="store_true", help="skip bad manifest lines (listed in skipped.jsonl)")
     parser.add_argument("--out", help="run folder (run.out_dir)")
     parser.add_argument("--max-steps", type=int, help="train.max_steps")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 

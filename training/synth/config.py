@@ -1,21 +1,31 @@
 """The synthesis config: theme pools, per-task counts, the LLM and image endpoints, judge, budget.
 
-A JSON, YAML or TOML file; relative paths are relative to the file::
+A JSON, YAML or TOML file; relative paths are relative to the file. An example (tests/test_synth.py
+loads it and checks its judge profile against judge/judges.example.json)::
 
     {
-      "out": "synth_out",                       # manifest.jsonl, state.jsonl, targets/ go here
+      "out": "synth_out",
       "pools": {"animals": "pools/animals", "scenes": "pools/scenes", "people": "pools/people",
-                "clothing": "pools/clothing", "styles": "pools/styles"},   # a folder of images each
-      "tasks": {"animal_scene": 100, "person_scene": 100, ...},           # samples to keep per task
-      "themes": {"style_transfer": [["scenes", "people"], ["styles"]]},   # optional: image 1/2 themes
+                "clothing": "pools/clothing", "styles": "pools/styles"},
+      "tasks": {"animal_scene": 100, "person_scene": 100, "group_portrait": 100,
+                "style_transfer": 100, "clothing_replace": 100},
+      "themes": {"style_transfer": [["scenes", "people"], ["styles"]]},
       "seed": 0, "test_fraction": 0.2, "concurrency": 4, "max_plan_attempts": 3,
       "llm":   {"base_url": "https://api.openai.com/v1", "model": "gpt-5", "api_key_env": "OPENAI_API_KEY",
                 "response_format": "json_object", "price_input_per_mtok": 1.25, "price_output_per_mtok": 10},
       "image": {"base_url": "https://api.openai.com/v1", "model": "gpt-image-1", "api_key_env": "OPENAI_API_KEY",
-                "endpoint": "edits", "size": "1024x1024", "price_per_image": 0.04},      # optional
-      "judge": {"profile": "gpt5", "threshold": 0.67},                                     # optional
-      "budget": {"max_requests": 5000, "max_cost_usd": 50}                                  # optional
+                "endpoint": "edits", "size": "1024x1024", "price_per_image": 0.04},
+      "judge": {"profile": "gpt-5", "min_yes": 2},
+      "budget": {"max_requests": 5000, "max_cost_usd": 50, "scope": "total"}
     }
+
+``out`` receives manifest.jsonl, state.jsonl, spend.json and targets/; each pool is a folder of
+images; ``tasks`` gives the samples to keep per task; ``themes`` (optional) the image 1 / image 2
+themes of a task. ``image``, ``judge`` and ``budget`` are optional. ``judge.min_yes`` keeps a
+sample when at least that many of the judge's three questions (fidelity, consistency, realism)
+are answered yes (default 2: two of three; 3: all three). ``budget.max_cost_usd`` is a hard cap
+(each call's price is reserved before it is sent); ``budget.scope`` "total" (default) counts
+every run of ``out``, "run" this run only.
 
 ``llm`` and ``image`` take the judge profile's connection fields (``base_url``, ``model``,
 ``api_key_env``, ``timeout_s``, ``max_retries``, ``backoff_base_s``, ``backoff_max_s``, ``rpm``,
@@ -90,9 +100,10 @@ class SynthConfig:
     themes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     image: ImageConfig | None = None
     judge_profile: str | None = None
-    judge_threshold: float = 2.0 / 3.0
+    judge_min_yes: int = 2  # keep a sample when at least this many of the 3 questions are yes
     max_requests: int | None = None
     max_cost_usd: float | None = None
+    budget_scope: str = "total"  # "total": max_cost_usd covers every run of ``out``; "run": this run only
     seed: int = 0
     test_fraction: float = 0.1
     concurrency: int = 1
@@ -188,19 +199,29 @@ def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfi
                               f"{{target_description}} only ({type(e).__name__}: {e})") from None
     judge = data.get("judge") or {}
     budget = data.get("budget") or {}
-    unknown = sorted(set(judge) - {"profile", "threshold"}) + sorted(set(budget) - {"max_requests", "max_cost_usd"})
+    if "threshold" in judge:  # a fraction rounds: 0.67 meant "all three" (two of three is 0.6667)
+        raise ConfigError(f"{source}: judge.threshold is not used: state how many of the three questions must be "
+                          "yes instead, e.g. \"min_yes\": 2 (keep when at least 2 of 3 are yes) or 3 (all three)")
+    unknown = sorted(set(judge) - {"profile", "min_yes"}) + sorted(set(budget) - {"max_requests", "max_cost_usd", "scope"})
     if unknown:
         raise ConfigError(f"{source}: unknown judge/budget field(s) {', '.join(unknown)}")
+    min_yes = judge.get("min_yes", 2)
+    if isinstance(min_yes, bool) or min_yes not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: judge.min_yes must be 0, 1, 2 or 3 (questions of 3 answered yes), "
+                          f"not {min_yes!r}")
     cfg = SynthConfig(
         out=(base / data.get("out", "synth_out")).resolve(), pools=pools, tasks=tasks, llm=llm, themes=themes,
-        image=image, judge_profile=judge.get("profile"), judge_threshold=float(judge.get("threshold", 2.0 / 3.0)),
+        image=image, judge_profile=judge.get("profile"), judge_min_yes=min_yes,
         max_requests=budget.get("max_requests"), max_cost_usd=budget.get("max_cost_usd"),
+        budget_scope=budget.get("scope", "total"),
         seed=int(data.get("seed", 0)), test_fraction=float(data.get("test_fraction", 0.1)),
         concurrency=int(data.get("concurrency", 1)), max_plan_attempts=int(data.get("max_plan_attempts", 3)),
         max_consecutive_errors=int(data.get("max_consecutive_errors", 5)), source=source,
     )
     if not 0.0 <= cfg.test_fraction <= 1.0:
         raise ConfigError(f"{source}: test_fraction must be within [0, 1]")
+    if cfg.budget_scope not in ("total", "run"):
+        raise ConfigError(f"{source}: budget.scope must be 'total' (the cap covers every run of out) or 'run'")
     if cfg.concurrency < 1 or cfg.max_plan_attempts < 1:
         raise ConfigError(f"{source}: concurrency and max_plan_attempts must be >= 1")
     return cfg

@@ -11,8 +11,11 @@ every pair's steps), ``targets/<id>.png``.
 Rerunning continues where the last run stopped: finished pairs (kept, rejected, failed) are
 skipped, half-done ones resume from their last step (a plan is never asked twice, a target never
 drawn twice), an unjudged sample is judged again. Pairs are keyed by task + the images' content,
-so no pair appears twice, and no instruction is used twice within a task. The budget (requests,
-estimated USD) applies to one run; when it is reached the run stops cleanly and keeps what is done.
+so no pair appears twice, and no instruction is used twice within a task. The cost cap is hard:
+each call's known or maximum price is reserved before it is sent; by default it covers every run
+of the folder (``<out>/spend.json`` records what was spent), so a rerun continues the budget
+(``--budget-scope run``: this run only). The request budget applies to one run. When a budget is
+reached the run stops cleanly and keeps what is done.
 Exit status: 0 finished (every count met, or the pools are used up), 3 stopped early (budget, an
 endpoint that keeps failing; rerun to continue), 2 a bad config.
 """
@@ -30,10 +33,11 @@ from judge.base import Judge
 from judge.manifest import Sample, write_manifest
 from judge.verdict import JudgeRequest, Unjudged
 
+from ..config import at_least
 from .config import ConfigError, SynthConfig, load_config
-from .endpoints import Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient
+from .endpoints import BUDGET_SCOPES, Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient, call_max_cost
 from .instructions import InstructionRegistry, PlanRejected, request_plan
-from .pairs import candidates_for, iter_pairs, sample_id, scan_pools, split_of
+from .pairs import assign_splits, candidates_for, iter_pairs, sample_id, scan_pools
 from .state import FINAL, PROGRESS, SynthState
 
 log = logging.getLogger("training.synth")  # the same name when run with -m
@@ -65,7 +69,8 @@ class Synthesizer:
         self.judge = judge
         self.out = config.out
         self.state = SynthState(self.out / "state.jsonl")
-        self.budget = Budget(config.max_requests, config.max_cost_usd)
+        self.budget = Budget(config.max_requests, config.max_cost_usd, ledger=self.out / "spend.json",
+                             scope=config.budget_scope)
         self.chat = ChatClient(config.llm, self.budget)
         self.images = ImageClient(config.image, self.budget) if config.image else None
         accounting = getattr(judge, "accounting", None)
@@ -123,8 +128,9 @@ class Synthesizer:
         if self.judge is None:
             self.state.append(key, "kept")
             return "kept"
-        if getattr(self.judge, "accounting", None) is not None:
-            self.budget.require(3)  # an HTTP judge asks three questions
+        token = None
+        if getattr(self.judge, "accounting", None) is not None:  # an HTTP judge: three paid questions
+            token = self.budget.reserve(self._judge_max_cost(), requests=3)
         with Image.open(self.out / target) as t:
             output = t.convert("RGB")
         request = JudgeRequest(record["instruction"], pil1, pil2, output, sample_id=sid, task=task, plan=record["plan"])
@@ -136,9 +142,18 @@ class Synthesizer:
             return "unjudged"
         finally:
             self._count_judge()
-        stage = "kept" if verdict.reward >= self.config.judge_threshold else "rejected"
+            if token is not None:
+                self.budget.settle(token)  # what it cost is counted by the judge's own accounting
+        stage = "kept" if yes_count(verdict) >= self.config.judge_min_yes else "rejected"
         self.state.append(key, stage, verdict=verdict.to_dict())
         return stage
+
+    def _judge_max_cost(self) -> float:
+        """The most one judged sample may cost: three questions, each possibly re-asked."""
+        profile = getattr(self.judge, "profile", None)
+        if profile is None:
+            return 0.0
+        return 3 * (1 + profile.parse_retries) * call_max_cost(profile, 3000, images=3)
 
     def _count_judge(self) -> None:
         accounting = getattr(self.judge, "accounting", None)
@@ -172,7 +187,7 @@ class Synthesizer:
         kept = {t: self.state.count("kept", t) for t in counts}
         stalled = {t: 0 for t in counts}
         inflight: dict = {}
-        stopped, consecutive_errors = None, 0
+        stopped, consecutive_errors, tried = None, 0, 0
         bar = _tqdm(total=sum(counts.values()), initial=sum(min(kept[t], c) for t, c in counts.items()),
                     desc="samples kept", disable=not self.progress)
 
@@ -199,6 +214,10 @@ class Synthesizer:
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for future in done:
                     task, key = inflight.pop(future)
+                    tried += 1
+                    spend = self.budget.snapshot()
+                    bar.set_postfix_str(f"{tried} pairs tried, {spend['requests']} requests, "
+                                        f"${spend['total_cost_usd']:.4f} spent", refresh=False)
                     try:
                         stage = future.result()
                     except BudgetExhausted as e:
@@ -223,11 +242,15 @@ class Synthesizer:
                         bar.update(1)
                     elif stage not in FINAL:
                         stalled[task] += 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            # No new paid call from here on; the pairs in flight are abandoned (not waited for):
+            # each is taken up from its last recorded step on the next run.
             stopped = "interrupted"
+            self.budget.close("interrupted")
+            e.synth_summary = lambda: self.summary
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=stopped != "interrupted", cancel_futures=True)
             bar.close()
             manifest = self.write_manifest()
             self.summary = self._summary(counts, stopped, manifest)
@@ -236,10 +259,15 @@ class Synthesizer:
     def write_manifest(self) -> Path:
         path = self.out / "manifest.jsonl"
         samples = []
-        for record in self.state.records("kept"):
+        kept = self.state.records("kept")
+        by_task: dict[str, list[str]] = {}
+        for record in kept:
+            by_task.setdefault(record["task"], []).append(record["key"])
+        splits = assign_splits(by_task, self.config.test_fraction)
+        for record in kept:
             images = [os.path.relpath(p, self.out) for p in record["images"]]
             samples.append(Sample(record["id"], record["task"], images, record["instruction"], record.get("target"),
-                                  record.get("plan"), split_of(record["key"], self.config.test_fraction)))
+                                  record.get("plan"), splits[record["key"]]))
         write_manifest(path, samples)
         return path
 
@@ -248,6 +276,7 @@ class Synthesizer:
             "pending": len(self.state.pending(t)), "wanted": counts[t]} for t in counts}
         complete = all(v["kept"] >= v["wanted"] for v in per_task.values())
         return {"manifest": str(manifest), "tasks": per_task, "budget": self.budget.snapshot(),
+                "spend": self.budget.spend_line(),
                 "stopped": stopped, "complete": complete}
 
     def close(self) -> None:
@@ -255,15 +284,26 @@ class Synthesizer:
             self.judge.close()
 
 
+def yes_count(verdict) -> int:
+    """Questions answered yes (a probability-mode answer counts as yes from 0.5)."""
+    return sum(score >= 0.5 for score in verdict.scores().values())
+
+
 def run_synthesis(config, judge: Judge | None = None, progress: bool = True) -> dict:
     """Run (or resume) a synthesis; ``config`` is a path or a :class:`SynthConfig`. Returns a summary."""
     cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
     synth = Synthesizer(cfg, judge, progress)
     try:
-        return synth.run()
-    finally:
-        if judge is None:  # close only what we opened
+        summary = synth.run()
+    except KeyboardInterrupt:
+        raise  # the judge's calls in flight are abandoned with the rest, not waited for
+    except BaseException:
+        if judge is None:
             synth.close()
+        raise
+    if judge is None:  # close only what we opened
+        synth.close()
+    return summary
 
 
 def _tqdm(**kwargs):
@@ -275,17 +315,22 @@ def _tqdm(**kwargs):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="synthesis config (.json or .toml); see training/synth/config.py")
-    p.add_argument("--max-requests", type=int, help="request budget for this run (overrides the config)")
-    p.add_argument("--max-cost", type=float, help="estimated USD budget for this run (overrides the config)")
-    p.add_argument("--concurrency", type=int, help="pairs in flight at once (overrides the config)")
+    p.add_argument("--max-requests", type=at_least(0), help="request budget for this run (overrides the config)")
+    p.add_argument("--max-cost", type=at_least(0.0, float), help="USD cap (overrides the config): each call's known or maximum "
+                   "price is reserved before it is sent, so the cap is never exceeded")
+    p.add_argument("--budget-scope", choices=BUDGET_SCOPES, help="total (default): --max-cost covers every run of "
+                   "this out folder (spend is recorded in <out>/spend.json), so a rerun continues the budget; "
+                   "run: this run only")
+    p.add_argument("--concurrency", type=at_least(1), help="pairs in flight at once (overrides the config)")
     p.add_argument("--manifest-only", action="store_true", help="rewrite manifest.jsonl from state.jsonl; no requests")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings and errors only")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config)
         for name, value in (("max_requests", args.max_requests), ("max_cost_usd", args.max_cost),
-                            ("concurrency", args.concurrency)):
+                            ("concurrency", args.concurrency), ("budget_scope", args.budget_scope)):
             if value is not None:
                 setattr(cfg, name, value)
         if args.manifest_only:
@@ -298,9 +343,25 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        summary = getattr(e, "synth_summary", lambda: None)()
+        if summary is not None:
+            kept = sum(t["kept"] for t in summary["tasks"].values())
+            wanted = sum(t["wanted"] for t in summary["tasks"].values())
+            pending = sum(t["pending"] for t in summary["tasks"].values())
+            print(f"interrupted: {kept} of {wanted} samples kept, {pending} pairs half done (in-flight requests "
+                  f"abandoned), {summary['spend']}; rerun the same command to continue", file=sys.stderr)
+        else:
+            print("interrupted; rerun the same command to continue", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Requests still in flight in worker threads are abandoned: exit now instead of joining them.
+        os._exit(130)
     print(json.dumps(summary, indent=2))
+    print(summary["spend"], file=sys.stderr)
     if summary["stopped"]:
-        print(f"stopped early: {summary['stopped']}; rerun the same command to continue", file=sys.stderr)
+        print(f"stopped early: {summary['stopped']}; rerun the same command to continue"
+              + (" (with a higher --max-cost)" if summary["stopped"].startswith("cost budget") else ""), file=sys.stderr)
         return 3
     return 0
 

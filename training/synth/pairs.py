@@ -110,7 +110,24 @@ def iter_pairs(task: str, first: list[PoolImage], second: list[PoolImage], seed:
             misses += 1
 
 
+def _bucket(key: str) -> float:
+    return int(hashlib.sha256(("split:" + key).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_of(key: str, test_fraction: float) -> str:
     """train/test by the key's hash: stable across runs and resumes, whatever order samples finish in."""
-    bucket = int(hashlib.sha256(("split:" + key).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < test_fraction else "train"
+    return "test" if _bucket(key) < test_fraction else "train"
+
+
+def assign_splits(keys_by_task: dict[str, list[str]], test_fraction: float) -> dict[str, str]:
+    """``{key: split}`` by :func:`split_of`, except that a task with at least 2 samples and a
+    ``test_fraction`` above 0 always gets a test sample: its sample of lowest hash (which is
+    already a test sample whenever the task has one by hash, so the hash split is kept where it
+    gives one)."""
+    splits = {}
+    for keys in keys_by_task.values():
+        own = {k: split_of(k, test_fraction) for k in keys}
+        if test_fraction > 0 and len(keys) >= 2 and "test" not in own.values():
+            own[min(keys, key=_bucket)] = "test"
+        splits.update(own)
+    return splits

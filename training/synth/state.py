@@ -1,7 +1,7 @@
 """The run's append-only state: one JSON line per step of a pair; the last word on a key wins.
 
 Stages: ``planned`` (instruction + plan), ``target`` (image written), then a final one: ``kept``,
-``rejected`` (judge below threshold) or ``failed`` (no acceptable plan). ``error`` and
+``rejected`` (fewer yes answers than judge.min_yes) or ``failed`` (no acceptable plan). ``error`` and
 ``unjudged`` lines are notes, not final: the pair is taken up again on the next run from the
 last stage it reached, so nothing paid for is asked again.
 """

@@ -59,7 +59,7 @@ def parse_args(argv=None):
                    help="override an SFT config key, e.g. --sft-set train.max_steps=10 (repeatable)")
     p.add_argument("--markdown", type=Path, help="also write the tables, command, seeds and wall times here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
