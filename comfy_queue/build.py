@@ -189,6 +189,7 @@ def write_thumbnails(tile: int = 96, pad: int = 12) -> list[Path]:
     import numpy as np
     from PIL import Image
 
+    # the builder draws thumbnails with the toy world (headless only; ComfyUI never imports this)
     from training.toy.world import make_sample
 
     side = 2 * tile + 3 * pad

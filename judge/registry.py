@@ -28,6 +28,7 @@ def register_backend(kind: str, factory: Callable[..., Judge]) -> None:
 
 
 def _openai(profile: Profile, profiles, **overrides) -> Judge:
+    # a backend loads when a profile uses it: ComfyUI start-up imports this module
     from .openai_compat import OpenAIJudge
 
     profile.api_key()  # fail now, naming the variable, rather than at the first request
@@ -36,6 +37,7 @@ def _openai(profile: Profile, profiles, **overrides) -> Judge:
 
 def _toy(profile: Profile, profiles, **overrides) -> Judge:
     try:
+        # a backend loads when a profile uses it: ComfyUI start-up imports this module
         from .toy import ToyJudge
     except ImportError as e:
         raise ProfileError(f"the toy judge (judge/toy/) could not be imported: {e}") from None
@@ -43,6 +45,7 @@ def _toy(profile: Profile, profiles, **overrides) -> Judge:
 
 
 def _ensemble(profile: Profile, profiles, _depth: int = 0, **overrides) -> Judge:
+    # a backend loads when a profile uses it: ComfyUI start-up imports this module
     from .ensemble import EnsembleJudge
 
     if _depth > 4:

@@ -176,9 +176,11 @@ class Trajectory:
     def stochastic_steps(self) -> int:
         return self.log_probs.shape[1]
 
-    def transition(self, step: torch.Tensor):
-        """``(x_t, x_next, sigma, sigma_next, old_logprob)`` at a per-sample step index (B,)."""
-        rows = torch.arange(self.latents.shape[0], device=step.device)
+    def transition(self, step: torch.Tensor, rows: torch.Tensor | None = None):
+        """``(x_t, x_next, sigma, sigma_next, old_logprob)`` at a per-sample step index, for ``rows`` (default:
+        every sample; ``step`` has one index per row)."""
+        if rows is None:
+            rows = torch.arange(self.latents.shape[0], device=step.device)
         return (self.latents[rows, step], self.latents[rows, step + 1],
                 self.sigmas[rows, step], self.sigmas[rows, step + 1], self.log_probs[rows, step])
 

@@ -211,6 +211,7 @@ def load_headless_model(args):
     """``--model`` on ``--device`` in ``--precision`` (CUDA + bf16 where available, else CPU + fp32)."""
     import torch  # heavy imports on use: --help and --compare stay light
 
+    # torch-heavy: loaded for a headless run only; --help and --compare stay light
     from ..config import ModelConfig
     from ..models import load_model
     from ..toy.base import resolve_model_path

@@ -71,6 +71,7 @@ class HeadlessGenerator:
         # torch-heavy modules load when a headless generator is made: --help and --compare stay light
         from dual_rope import METHODS
 
+        # torch-heavy modules load when a headless generator is made: --help and --compare stay light
         from ..evaluation import sampler_config
         from ..lora_io import load_lora
 
@@ -115,6 +116,7 @@ class HeadlessGenerator:
 
     def _check_loras(self) -> list[float] | None:
         """Fail on a LoRA for another base model; warn on a layout mismatch. Returns the learned gates."""
+        # torch-heavy modules load when a headless generator is made: --help and --compare stay light
         from dual_rope.lora_meta import base_mismatch
 
         gates = None

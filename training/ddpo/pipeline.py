@@ -44,6 +44,11 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 from ..files import atomic_path
 from .config import DDPOConfig, ddpo_config_from_dict, load_ddpo_config
+from ..toy.world import generate_world
+from judge.registry import load_judge
+from ..toy.base import resolve_model_path
+from ..interrupts import sigterm_interrupts
+from judge.manifest import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +120,6 @@ def resolve_config(args) -> tuple[DDPOConfig, Path]:
 
 
 def make_world(cfg: DDPOConfig, out: Path) -> Path:
-    from ..toy.world import generate_world
 
     generate_world(out / "world", progress=cfg.run.progress, **cfg.world)
     return out / "world" / "manifest.jsonl"
@@ -132,6 +136,7 @@ def sft_run_config(cfg: DDPOConfig, out: Path):
 
 def run_sft(cfg: DDPOConfig, out: Path) -> Path:
     """The SFT run (:func:`sft_run_config`); its LoRA -> dualref_sft."""
+    # torch-heavy stages load when they run: --help and a bad config answer at once
     from ..sft.trainer import train
 
     result = train(sft_run_config(cfg, out), resume="auto")
@@ -142,6 +147,7 @@ def run_sft(cfg: DDPOConfig, out: Path) -> Path:
 
 
 def ddpo_done(cfg: DDPOConfig, out: Path) -> bool:
+    # torch-heavy stages load when they run: --help and a bad config answer at once
     from ..lora_io import load_lora
     from .loop import DDPO_LORA
 
@@ -161,7 +167,6 @@ def check_inputs(cfg: DDPOConfig) -> None:
     if cfg.lora.sft and not Path(cfg.lora.sft).is_file():
         raise ConfigError(f"lora.sft: {cfg.lora.sft} does not exist; pass an SFT LoRA from python -m training.sft, "
                           "or leave lora.sft unset and give sft_config to run SFT first")
-    from judge.registry import load_judge
 
     overrides = {"mode": cfg.judge.mode} if cfg.judge.mode else {}
     load_judge(cfg.judge.profile, config=cfg.judge.config, **overrides).close()  # unknown profile, unset key
@@ -181,6 +186,7 @@ def check_config(cfg: DDPOConfig, out: Path) -> None:
         planned.data.manifest = str(out / "world" / "manifest.jsonl")  # what the world stage will write
     planned.validate(need_sft=False)
     if cfg.data.manifest:  # its lines and images (the toy world's are checked when DDPO reads them)
+        # torch-heavy stages load when they run: --help and a bad config answer at once
         from .loop import read_records
 
         read_records(cfg)
@@ -193,6 +199,7 @@ def check_config(cfg: DDPOConfig, out: Path) -> None:
 def checked_model(cfg: DDPOConfig, accelerator, shown):
     """The model DDPO will train on, with the SFT LoRA ``cfg.lora.sft`` checked against its base
     (:func:`training.ddpo.state.check_sft_lora`, named ``shown``). The transformer loads here, once."""
+    # torch-heavy stages load when they run: --help and a bad config answer at once
     from ..models import load_model
     from .state import check_sft_lora
 
@@ -210,7 +217,6 @@ def _recorded_base(record: Path) -> str | None:
 
 
 def _build_toy_base(cfg: DDPOConfig, record: Path) -> Path:
-    from ..toy.base import resolve_model_path
 
     path = resolve_model_path("toy", cfg.model.toy_cache_dir, progress=cfg.run.progress, **(cfg.toy_recipe or {}))
     record.write_text(json.dumps({"path": str(path)}))
@@ -219,6 +225,7 @@ def _build_toy_base(cfg: DDPOConfig, record: Path) -> Path:
 
 def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
     """Every stage in order, each skipped when its product is already in ``out``. Returns the summary."""
+    # torch-heavy stages load when they run: --help and a bad config answer at once
     from ..runtime import make_accelerator
     from .loop import DDPO_LORA, train_ddpo
 
@@ -269,6 +276,7 @@ def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
     bundle = None  # evaluation loads its own model: not two transformers at once
     summary = None
     if main:
+        # torch-heavy stages load when they run: --help and a bad config answer at once
         from .report import evaluate_and_report
 
         summary = stages.run("eval", False, evaluate_and_report, cfg, out, out / SFT_LORA, out / DDPO_LORA,
@@ -295,15 +303,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from ..interrupts import sigterm_interrupts
 
     with sigterm_interrupts():  # a scheduler's or ``kill``'s stop takes the Ctrl-C path: checkpoint, exit 130
         return _main(argv)
 
 
 def _main(argv=None) -> int:
-    from judge.manifest import ManifestError
 
+    # torch-heavy stages load when they run: --help and a bad config answer at once
     from ..model_files import ModelFileError
 
     args = parse_args(argv)

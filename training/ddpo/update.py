@@ -87,7 +87,7 @@ def policy_update(cfg: DDPOConfig, policy: Policy, params, optimizer, accelerato
                 adv = advantages[[s.index for s in chunk]].to(device)
                 for j in range(len(steps[chunk[0].index])):
                     step = torch.stack([steps[s.index][j] for s in chunk])
-                    x_t, x_next, sigma, sigma_next, old = (t.to(device) for t in _transition(traj, rows, step))
+                    x_t, x_next, sigma, sigma_next, old = (t.to(device) for t in traj.transition(step, rows))
                     with policy.precision():
                         kl, ref = None, None
                         if d.kl_weight > 0:  # the reference first: disabling toggles the adapter's requires_grad
@@ -125,9 +125,3 @@ def policy_update(cfg: DDPOConfig, policy: Policy, params, optimizer, accelerato
     out.update(onpolicy_ratio_error=float(accelerator.reduce(torch.tensor([first_error]), "max")),
                optimizer_steps=len(grad_norms), grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else None)
     return out
-
-
-def _transition(traj, rows, step):
-    x_t = traj.latents[rows, step]
-    return x_t, traj.latents[rows, step + 1], traj.sigmas[rows, step], traj.sigmas[rows, step + 1], \
-        traj.log_probs[rows, step]

@@ -18,6 +18,8 @@ from judge.manifest import ManifestError
 
 from ..config import ConfigError, load_config
 from ..model_files import ModelFileError
+from ..interrupts import sigterm_interrupts
+from ..toy.base import resolve_model_path
 
 
 def parse_args(argv=None):
@@ -49,8 +51,6 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides).validate()
         # heavy imports (torch, diffusers) after the config checks: --help and a bad value answer at once
-        from ..interrupts import sigterm_interrupts
-        from ..toy.base import resolve_model_path
         from .trainer import train
 
         cfg.model.path = resolve_model_path(cfg.model.path, cfg.model.toy_cache_dir, progress=cfg.run.progress)

@@ -39,14 +39,14 @@ from .endpoints import BUDGET_SCOPES, Budget, BudgetExhausted, ChatClient, Endpo
 from .instructions import InstructionRegistry, PlanRejected, request_plan
 from .pairs import assign_splits, candidates_for, iter_pairs, sample_id, scan_pools
 from .state import FINAL, PROGRESS, SynthState
+from judge.config import ProfileError
+from judge.registry import load_judge
 
 log = logging.getLogger("training.synth")  # the same name when run with -m
 
 
 def open_judge(profile_name: str) -> Judge:
     """The judge of a profile in the judge config (``judge/config.py``): openai, toy or ensemble."""
-    from judge.config import ProfileError
-    from judge.registry import load_judge
 
     try:
         return load_judge(profile_name)

@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 from judge.manifest import TASKS
+from ..config import load_config
+from ..files import file_digest
+from .tables import evaluate, gains_markdown, paired_gains, questions_markdown, table2_markdown, wins
+from .world import generate_world
 
 DEFAULT_LAYOUTS = ("offset", "index", "diagonal")
 DEFAULT_SFT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy_sft.json"
@@ -79,8 +83,7 @@ def parse_recipe(items) -> dict:
 def sft_run(base: Path, manifest: Path, out: Path, layout: str, args) -> tuple[Path, float]:
     """The LoRA of one SFT run (trained now, or reused when ``out`` holds a finished run of the same
     config, base and data) and its training wall time in seconds."""
-    from ..config import load_config
-    from ..files import file_digest
+    # torch-heavy parts load when a stage runs: cached tables print in seconds
     from ..sft.trainer import train
 
     overrides = [f"model.path={base}", f"data.manifest={manifest}", f"train.layout={layout}",
@@ -117,10 +120,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    # torch-heavy parts load when a stage runs: cached tables print in seconds
     from ..models import load_kontext
     from .base import toy_base
-    from .tables import evaluate, gains_markdown, paired_gains, questions_markdown, table2_markdown, wins
-    from .world import generate_world
 
     started = time.perf_counter()
     progress = not args.quiet
