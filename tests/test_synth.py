@@ -393,7 +393,7 @@ def test_cli_config_errors_name_the_fix(tmp_path):
 
 
 # -- self-contained datasets (issue 20 item 5) -------------------------------------------------
-def test_the_output_folder_is_self_contained_with_each_images_source_and_licence(tmp_path, api_key):
+def test_the_output_folder_is_self_contained_with_each_images_source_and_licence(tmp_path, api_key, caplog):
     """Every reference image lands in <out>/images/<sha256>.<ext>, hard-linked from its pool and
     stored once however many pairs use it; the manifest points only inside the folder and carries,
     per image, its pool's source and licence (the target's: the image endpoint's model). Renaming
@@ -439,6 +439,16 @@ def test_the_output_folder_is_self_contained_with_each_images_source_and_licence
     samples = read_manifest(out)
     colours = {frozenset(color_name(Image.open(out / p)) for p in s.images) for s in samples if s.task == "group_portrait"}
     assert colours == {frozenset(p) for p in (("p1", "p2"), ("p1", "p3"), ("p2", "p3"))}
+
+    # A stored image lost while its pool is away: its samples are left out, by name, not written
+    # pointing nowhere; with the pool back the rewrite stores it again and nothing paid for is lost.
+    p1 = next(f for f in stored if color_name(Image.open(f)) == "p1")
+    p1.unlink()
+    assert synth_main(["--config", str(tmp_path / "synth.json"), "--manifest-only", "-q"]) == 0
+    assert len(read_manifest(out)) == 2 and "p1.png is gone; put the pool image back" in caplog.text  # 3 use p1
+    (tmp_path / "pools-moved").rename(tmp_path / "pools")
+    assert synth_main(["--config", str(tmp_path / "synth.json"), "--manifest-only", "-q"]) == 0
+    assert [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()] == lines and p1.is_file()
 
 
 def test_a_pool_on_another_file_system_is_copied(tmp_path, api_key, monkeypatch):
