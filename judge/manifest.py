@@ -1,4 +1,17 @@
-"""The dataset manifest (DESIGN contract 5): JSONL, one sample a line, paths relative to it."""
+"""The dataset manifest (DESIGN contract 5): JSONL, one sample a line, paths relative to it.
+
+A line: ``id``, ``task``, ``images`` (one or two reference paths), ``instruction``, and optional
+``target``, ``plan``, ``split`` (``train`` or ``test``) and ``sources``: where each image came from
+and under which licence (synthesis writes it for every line; older manifests without it stay valid)::
+
+    "sources": {"images": [{"source": "https://example.org/scenes", "licence": "CC-BY-4.0"},
+                           {"source": "https://example.org/animals", "licence": "CC0-1.0"}],
+                "target": {"source": "gpt-image-1", "licence": "unknown"}}
+
+``sources.images`` is aligned with ``images`` (one entry each); ``sources.target`` (only with a
+``target``, optional) is the generated target's: the image endpoint's model. Every entry has a
+non-empty ``source`` and ``licence`` string.
+"""
 from __future__ import annotations
 
 import json
@@ -31,9 +44,13 @@ class Sample:
     target: str | None = None
     plan: dict | None = None
     split: str = "train"
+    sources: dict | None = None  # {"images": [{"source", "licence"}, ...], "target"?: {...}}; see above
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["sources"] is None:  # left out: a manifest without provenance is written as before
+            del d["sources"]
+        return json.dumps(d, sort_keys=True)
 
 
 def parse_line(text: str, path="<manifest>", line_no: int = 0) -> Sample:
@@ -63,7 +80,38 @@ def parse_line(text: str, path="<manifest>", line_no: int = 0) -> Sample:
     plan = d.get("plan")
     if plan is not None and not isinstance(plan, dict):
         raise ManifestError(path, line_no, "'plan' must be an object or null")
-    return Sample(str(d["id"]), d["task"], images, d["instruction"], target, plan, split)
+    sources = d.get("sources")
+    if sources is not None:
+        reason = sources_problem(sources, len(images), target is not None)
+        if reason:
+            raise ManifestError(path, line_no, reason)
+    return Sample(str(d["id"]), d["task"], images, d["instruction"], target, plan, split, sources)
+
+
+_SOURCES_FORM = ('write "sources": {"images": [{"source": ..., "licence": ...} per image], '
+                 '"target": {"source": ..., "licence": ...}} (target optional)')
+
+
+def sources_problem(sources, n_images: int, has_target: bool) -> str | None:
+    """Why ``sources`` is not a valid provenance field for a line of ``n_images`` images, or None."""
+    def entry_problem(entry, where):
+        if not isinstance(entry, dict) or set(entry) != {"source", "licence"}:
+            return f"{where} must be an object with exactly 'source' and 'licence'"
+        if not all(isinstance(entry[k], str) and entry[k].strip() for k in ("source", "licence")):
+            return f"{where}: 'source' and 'licence' must be non-empty strings"
+        return None
+
+    if not isinstance(sources, dict) or "images" not in sources or not set(sources) <= {"images", "target"}:
+        return f"'sources' must be an object with 'images' and optionally 'target'; {_SOURCES_FORM}"
+    entries = sources["images"]
+    if not isinstance(entries, list) or len(entries) != n_images:
+        return f"'sources.images' must have one entry per image ({n_images}); {_SOURCES_FORM}"
+    problems = [entry_problem(e, f"sources.images[{k}]") for k, e in enumerate(entries)]
+    if "target" in sources:
+        if not has_target:
+            return "'sources.target' is given but the line has no 'target'"
+        problems.append(entry_problem(sources["target"], "sources.target"))
+    return next((p for p in problems if p), None)
 
 
 def write_manifest(path, samples) -> None:

@@ -28,6 +28,13 @@ COLORS = {  # pool image name -> its colour
     "p3": (10, 10, 120), "c1": (90, 90, 10), "c2": (10, 90, 90),
 }
 THEME_OF = {"s_": "scenes", "a_": "animals", "st": "styles", "p": "people", "c": "clothing"}
+LICENCES = {"scenes": "CC0-1.0", "animals": "CC-BY-4.0", "styles": "public domain", "people": "proprietary",
+            "clothing": "CC-BY-SA-4.0"}  # each pool's, as its config entry gives it
+
+
+def pool_entry(theme: str, folder: str | None = None) -> dict:
+    """A pool's config entry: its folder (relative to the config) with a source and licence of its own."""
+    return {"path": folder or f"pools/{theme}", "source": f"https://pools.test/{theme}", "licence": LICENCES[theme]}
 
 
 def color_name(image: Image.Image) -> str:
@@ -160,5 +167,5 @@ def make_pools(root: Path, names) -> dict:
         folder = root / "pools" / theme
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 32), COLORS[name]).save(folder / f"{name}.png")
-        pools[theme] = f"pools/{theme}"
+        pools[theme] = pool_entry(theme)
     return pools

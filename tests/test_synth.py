@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from PIL import Image
 
 from judge.base import Judge
 from judge.verdict import Unjudged, Verdict
-from synth_fakes import KEY_ENV, SECRET, FakeAPI, color_name, make_pools, mean_color, valid_plan
-from judge.manifest import parse_line
+from synth_fakes import KEY_ENV, LICENCES, SECRET, FakeAPI, color_name, make_pools, mean_color, pool_entry, valid_plan
+from judge.manifest import ManifestError, Sample, parse_line, write_manifest
 from training.synth.loop import run_synthesis
 from training.synth.config import ConfigError, load_config, parse_config
 from training.synth.pairs import assign_splits, iter_pairs, pair_key, scan_pools, split_of
@@ -389,6 +390,143 @@ def test_cli_config_errors_name_the_fix(tmp_path):
     for flag, value in (("--concurrency", "0"), ("--max-cost", "-1")):  # the flag is named (issue 20 item 8)
         run = run_cli("--config", tmp_path / "b.json", flag, value)
         assert run.returncode == 2 and f"argument {flag}: '{value}' is not" in run.stderr
+
+
+# -- self-contained datasets (issue 20 item 5) -------------------------------------------------
+def test_the_output_folder_is_self_contained_with_each_images_source_and_licence(tmp_path, api_key, caplog):
+    """Every reference image lands in <out>/images/<sha256>.<ext>, hard-linked from its pool and
+    stored once however many pairs use it; the manifest points only inside the folder and carries,
+    per image, its pool's source and licence (the target's: the image endpoint's model). Renaming
+    the pool folder afterwards breaks nothing, not even a --manifest-only rewrite."""
+    from training.data import load_manifest
+    from training.synth.loop import main as synth_main
+    from training.synth.pairs import file_sha
+
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        pools = make_pools(tmp_path, ["p1", "p2", "p3", "c1"])
+        base_config(tmp_path, api, pools, {"group_portrait": 3, "clothing_replace": 2},
+                    image={"base_url": api.url, "model": "painter", "api_key_env": KEY_ENV, "licence": "painter terms"})
+        summary = run_synthesis(tmp_path / "synth.json", progress=False)
+    finally:
+        api.close()
+    assert summary["complete"]
+    out = tmp_path / "out"
+    pool_files = {file_sha(f): f for f in (tmp_path / "pools").rglob("*.png")}
+    stored = sorted((out / "images").iterdir())
+    assert sorted(f.name for f in stored) == sorted(f"{sha}.png" for sha in pool_files)  # each image once
+    for f in stored:
+        assert f.stat().st_nlink == 2 and f.samefile(pool_files[f.stem])  # a hard link, not a copy
+    lines = [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 5
+    for line in lines:
+        assert all(p.startswith("images/") and (out / p).is_file() for p in line["images"]), line["images"]
+        themes = [pool_files[Path(p).stem].parent.name for p in line["images"]]
+        assert line["sources"] == {
+            "images": [{"source": f"https://pools.test/{t}", "licence": LICENCES[t]} for t in themes],
+            "target": {"source": "painter", "licence": "painter terms"}}
+
+    (tmp_path / "pools").rename(tmp_path / "pools-moved")  # the pools go away: the dataset stays whole
+    assert synth_main(["--config", str(tmp_path / "synth.json"), "--manifest-only", "-q"]) == 0
+    assert [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()] == lines
+    records = load_manifest(out / "manifest.jsonl")
+    assert len(records) == 5
+    for record in records:
+        assert record.sample.sources["images"][0]["licence"] in LICENCES.values()
+        for path in [*record.refs, record.target]:
+            with Image.open(path) as im:
+                im.load()
+    samples = read_manifest(out)
+    colours = {frozenset(color_name(Image.open(out / p)) for p in s.images) for s in samples if s.task == "group_portrait"}
+    assert colours == {frozenset(p) for p in (("p1", "p2"), ("p1", "p3"), ("p2", "p3"))}
+
+    # A stored image lost while its pool is away: its samples are left out, by name, not written
+    # pointing nowhere; with the pool back the rewrite stores it again and nothing paid for is lost.
+    p1 = next(f for f in stored if color_name(Image.open(f)) == "p1")
+    p1.unlink()
+    assert synth_main(["--config", str(tmp_path / "synth.json"), "--manifest-only", "-q"]) == 0
+    assert len(read_manifest(out)) == 2 and "p1.png is gone; put the pool image back" in caplog.text  # 3 use p1
+    (tmp_path / "pools-moved").rename(tmp_path / "pools")
+    assert synth_main(["--config", str(tmp_path / "synth.json"), "--manifest-only", "-q"]) == 0
+    assert [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()] == lines and p1.is_file()
+
+
+def test_a_pool_on_another_file_system_is_copied(tmp_path, api_key, monkeypatch):
+    """Where a hard link is impossible (the pools on another file system: /dev/shm here when it is
+    one; else os.link fails as it would across devices) the image is copied, whole and once."""
+    import errno
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    other_fs = shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev
+    pool_root = Path(tempfile.mkdtemp(dir=shm)) if other_fs else tmp_path
+    if not other_fs:
+        def no_link(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "link", no_link)
+    api = FakeAPI(lambda task, names, followups: valid_plan(task, names))
+    try:
+        make_pools(pool_root, ["p1", "p2", "c1"])
+        pools = {t: pool_entry(t, str(pool_root / "pools" / t)) for t in ("people", "clothing")}
+        base_config(tmp_path, api, pools, {"clothing_replace": 2})
+        assert run_synthesis(tmp_path / "synth.json", progress=False)["complete"]
+        stored = sorted((tmp_path / "out" / "images").iterdir())
+        assert len(stored) == 3 and all(f.stat().st_nlink == 1 for f in stored)
+        for f in stored:
+            original = next((pool_root / "pools").rglob(f"{color_name(Image.open(f))}.png"))
+            assert f.read_bytes() == original.read_bytes()
+    finally:
+        api.close()
+        if other_fs:
+            shutil.rmtree(pool_root)
+    assert [s.images[0].startswith("images/") for s in read_manifest(tmp_path / "out")] == [True, True]
+
+
+def test_a_pool_without_source_and_licence_is_refused_with_the_new_form(tmp_path):
+    base = {"tasks": {}, "llm": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    with pytest.raises(ConfigError, match=r"pool 'animals' must give its folder with the source and licence.*"
+                                          r'"animals": \{"path": "pools/animals", "source": "https://\.\.\.", '
+                                          r'"licence": "CC-BY-4\.0"\}'):
+        parse_config({**base, "pools": {"animals": "pools/animals"}}, tmp_path)
+    for missing in ("source", "licence", "path"):
+        entry = {k: v for k, v in pool_entry("scenes").items() if k != missing}
+        with pytest.raises(ConfigError, match=f"pool 'scenes' needs '{missing}'"):
+            parse_config({**base, "pools": {"scenes": entry}}, tmp_path)
+    with pytest.raises(ConfigError, match="pool 'scenes' needs 'licence'"):
+        parse_config({**base, "pools": {"scenes": {**pool_entry("scenes"), "licence": " "}}}, tmp_path)
+    with pytest.raises(ConfigError, match="pool 'scenes': unknown field"):
+        parse_config({**base, "pools": {"scenes": {**pool_entry("scenes"), "license": "MIT"}}}, tmp_path)
+    cfg = parse_config({**base, "pools": {"scenes": pool_entry("scenes", "s")}}, tmp_path)
+    assert cfg.pools["scenes"].path == (tmp_path / "s").resolve()
+    assert cfg.pools["scenes"].provenance() == {"source": "https://pools.test/scenes", "licence": "CC0-1.0"}
+
+
+def test_the_manifest_sources_field_is_checked_and_round_trips(tmp_path):
+    line = {"id": "a", "task": "animal_scene", "images": ["x.png", "y.png"], "instruction": "Do it", "target": "t.png"}
+    good = {"images": [{"source": "https://a", "licence": "CC0-1.0"}, {"source": "own", "licence": "proprietary"}],
+            "target": {"source": "painter", "licence": "unknown"}}
+    old = parse_line(json.dumps(line))  # a line without the field stays valid and is written as before
+    assert old.sources is None and "sources" not in json.loads(old.to_json())
+    sample = parse_line(json.dumps({**line, "sources": good}))
+    assert sample.sources == good
+    write_manifest(tmp_path / "m.jsonl", [sample, old])
+    back = [parse_line(t) for t in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert back == [sample, old]
+    bad = {
+        "one entry per image (2)": {"images": good["images"][:1]},
+        "exactly 'source' and 'licence'": {"images": [good["images"][0], {"source": "x"}]},
+        "non-empty strings": {"images": [good["images"][0], {"source": "x", "licence": ""}]},
+        "'sources' must be an object": [good["images"]],
+        "given but the line has no 'target'": {**good, "target": good["target"]},
+    }
+    for reason, sources in bad.items():
+        text = {**line, "sources": sources}
+        if "no 'target'" in reason:
+            text = {k: v for k, v in text.items() if k != "target"}
+        with pytest.raises(ManifestError, match=re.escape(reason)):
+            parse_line(json.dumps(text), "m.jsonl", 3)
+    assert Sample("b", "single_edit", ["x.png"], "Do it").sources is None
 
 
 # -- pieces ----------------------------------------------------------------------------------

@@ -5,8 +5,13 @@ loads it and checks its judge profile against judge/judges.example.json)::
 
     {
       "out": "synth_out",
-      "pools": {"animals": "pools/animals", "scenes": "pools/scenes", "people": "pools/people",
-                "clothing": "pools/clothing", "styles": "pools/styles"},
+      "pools": {
+        "animals":  {"path": "pools/animals",  "source": "https://example.org/animals",  "licence": "CC-BY-4.0"},
+        "scenes":   {"path": "pools/scenes",   "source": "https://example.org/scenes",   "licence": "CC0-1.0"},
+        "people":   {"path": "pools/people",   "source": "own photos",                  "licence": "proprietary"},
+        "clothing": {"path": "pools/clothing", "source": "https://example.org/clothing", "licence": "CC-BY-4.0"},
+        "styles":   {"path": "pools/styles",   "source": "https://example.org/art",      "licence": "public domain"}
+      },
       "tasks": {"animal_scene": 100, "person_scene": 100, "group_portrait": 100,
                 "style_transfer": 100, "clothing_replace": 100},
       "themes": {"style_transfer": [["scenes", "people"], ["styles"]]},
@@ -19,13 +24,17 @@ loads it and checks its judge profile against judge/judges.example.json)::
       "budget": {"max_requests": 5000, "max_cost_usd": 50, "scope": "total"}
     }
 
-``out`` receives manifest.jsonl, state.jsonl, spend.json and targets/; each pool is a folder of
-images; ``tasks`` gives the samples to keep per task; ``themes`` (optional) the image 1 / image 2
-themes of a task. ``image``, ``judge`` and ``budget`` are optional. ``judge.min_yes`` keeps a
-sample when at least that many of the judge's three questions (fidelity, consistency, realism)
-are answered yes (default 2: two of three; 3: all three). ``budget.max_cost_usd`` is a hard cap
-(each call's price is reserved before it is sent); ``budget.scope`` "total" (default) counts
-every run of ``out``, "run" this run only.
+``out`` receives manifest.jsonl, state.jsonl, spend.json, targets/ and images/ (every reference
+image a kept sample uses, hard-linked from its pool, or copied where a link is impossible, and
+named by its content hash): the folder is self-contained. Each pool is a folder of images
+(``path``) with the ``source`` and ``licence`` they are used under (both required; every manifest
+line carries them per image, and the image endpoint's ``model`` as the source of a generated
+target, with ``image.licence`` when given, else "unknown"). ``tasks`` gives the samples to keep
+per task; ``themes`` (optional) the image 1 / image 2 themes of a task. ``image``, ``judge`` and
+``budget`` are optional. ``judge.min_yes`` keeps a sample when at least that many of the judge's
+three questions (fidelity, consistency, realism) are answered yes (default 2: two of three; 3:
+all three). ``budget.max_cost_usd`` is a hard cap (each call's price is reserved before it is
+sent); ``budget.scope`` "total" (default) counts every run of ``out``, "run" this run only.
 
 ``llm`` and ``image`` take the judge profile's connection fields (``base_url``, ``model``,
 ``api_key_env``, ``timeout_s``, ``max_retries``, ``backoff_base_s``, ``backoff_max_s``, ``rpm``,
@@ -70,7 +79,19 @@ RESPONSE_FORMATS = ("json_object", "json_schema", "none")
 IMAGE_ENDPOINTS = ("edits", "generations")
 _SECRET_KEYS = ("api_key", "key", "token", "authorization", "password", "secret", "headers")
 _LLM_ONLY = ("response_format",)
-_IMAGE_ONLY = ("endpoint", "size", "image_field", "response_format", "prompt_template", "extra_fields", "price_per_image")
+_IMAGE_ONLY = ("endpoint", "size", "image_field", "response_format", "prompt_template", "extra_fields", "price_per_image",
+               "licence")
+_POOL_FORM = '{"path": "pools/%s", "source": "https://...", "licence": "CC-BY-4.0"}'
+
+
+@dataclass(frozen=True)
+class Pool:
+    path: Path  # a folder of images
+    source: str  # where they came from (a URL, a collection, "own photos")
+    licence: str  # the licence they are used under
+
+    def provenance(self) -> dict:
+        return {"source": self.source, "licence": self.licence}
 
 
 @dataclass
@@ -89,12 +110,16 @@ class ImageConfig:
     prompt_template: str = "{instruction}\n\nResult: {target_description}"
     extra_fields: dict = field(default_factory=dict)
     price_per_image: float = 0.0
+    licence: str = "unknown"  # of the generated targets (the provider's terms), as the manifest states it
+
+    def provenance(self) -> dict:
+        return {"source": self.profile.model, "licence": self.licence}
 
 
 @dataclass
 class SynthConfig:
     out: Path
-    pools: dict[str, Path]
+    pools: dict[str, Pool]
     tasks: dict[str, int]
     llm: LLMConfig
     themes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
@@ -150,6 +175,22 @@ def _themes(task: str, raw, where: str):
     return pair
 
 
+def _pool(theme: str, raw, base: Path, source: str) -> Pool:
+    if theme not in THEMES:
+        raise ConfigError(f"{source}: unknown pool theme {theme!r}; use {', '.join(THEMES)}")
+    form = f'"{theme}": ' + _POOL_FORM % theme
+    if not isinstance(raw, dict):  # the old form, a bare folder: it said nothing of where the images came from
+        raise ConfigError(f"{source}: pool {theme!r} must give its folder with the source and licence of its "
+                          f"images (they go into every manifest line), e.g. {form}")
+    unknown = sorted(set(raw) - {"path", "source", "licence"})
+    if unknown:
+        raise ConfigError(f"{source}: pool {theme!r}: unknown field(s) {', '.join(unknown)}; use {form}")
+    for key in ("path", "source", "licence"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise ConfigError(f"{source}: pool {theme!r} needs {key!r} (a non-empty string), e.g. {form}")
+    return Pool((base / raw["path"]).resolve(), raw["source"].strip(), raw["licence"].strip())
+
+
 def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be an object")
@@ -162,11 +203,9 @@ def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfi
     for key in ("pools", "tasks", "llm"):
         if key not in data:
             raise ConfigError(f"{source}: missing {key!r} (see training/synth/config.py for the format)")
-    pools = {}
-    for theme, folder in data["pools"].items():
-        if theme not in THEMES:
-            raise ConfigError(f"{source}: unknown pool theme {theme!r}; use {', '.join(THEMES)}")
-        pools[theme] = (base / folder).resolve()
+    if not isinstance(data["pools"], dict):
+        raise ConfigError(f"{source}: pools must be an object of theme -> {_POOL_FORM % 'animals'}")
+    pools = {theme: _pool(theme, raw, base, source) for theme, raw in data["pools"].items()}
     tasks = {}
     for task, count in data["tasks"].items():
         if task not in TASKS:
@@ -190,6 +229,8 @@ def parse_config(data: dict, base: Path, source: str = "<config>") -> SynthConfi
         image_defaults = {"timeout_s": 300.0, "max_retries": 3, "backoff_max_s": 60.0, "max_retry_after_s": 300.0}
         image_profile, own = _profile("synth-image", data["image"], f"{source}: image", image_defaults, _IMAGE_ONLY)
         image = ImageConfig(image_profile, **own)
+        if not isinstance(image.licence, str) or not image.licence.strip():
+            raise ConfigError(f"{source}: image.licence must be a non-empty string (the generated targets' licence)")
         if image.endpoint not in IMAGE_ENDPOINTS:
             raise ConfigError(f"{source}: image.endpoint must be 'edits' or 'generations'")
         try:

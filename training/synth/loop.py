@@ -5,8 +5,10 @@ optional target image -> optional judge filter -> manifest with a train/test spl
 
 The config format is in ``training/synth/config.py``; the plan's schema is
 ``training/synth/plan_schema.json``. Everything lands in the config's ``out`` folder:
-``manifest.jsonl`` (DESIGN contract 5; paths relative to it), ``state.jsonl`` (append-only log of
-every pair's steps), ``targets/<id>.png``.
+``manifest.jsonl`` (DESIGN contract 5; paths relative to it; each line with the source and licence
+of its images), ``state.jsonl`` (append-only log of every pair's steps), ``targets/<id>.png`` and
+``images/<content hash>.<ext>``: the kept samples' reference images, hard-linked (or copied) from
+the pools, so the folder is self-contained and the pools may be moved or deleted afterwards.
 
 Rerunning continues where the last run stopped: finished pairs (kept, rejected, failed) are
 skipped, half-done ones resume from their last step (a plan is never asked twice, a target never
@@ -37,7 +39,7 @@ from ..config import at_least
 from .config import ConfigError, SynthConfig, load_config
 from .endpoints import BUDGET_SCOPES, Budget, BudgetExhausted, ChatClient, EndpointError, ImageClient, call_max_cost
 from .instructions import InstructionRegistry, PlanRejected, request_plan
-from .pairs import assign_splits, candidates_for, iter_pairs, sample_id, scan_pools
+from .pairs import assign_splits, candidates_for, iter_pairs, sample_id, scan_pools, store_image
 from .state import FINAL, PROGRESS, SynthState
 from judge.config import ProfileError
 from judge.registry import load_judge
@@ -84,7 +86,7 @@ class Synthesizer:
     def process(self, task: str, image1, image2, key: str) -> str:
         """Take one pair as far as it goes; returns its stage afterwards (``unjudged`` if not final)."""
         base = {"task": task, "id": sample_id(task, key), "images": [str(image1.path), str(image2.path)],
-                "shas": [image1.sha, image2.sha]}
+                "shas": [image1.sha, image2.sha], "themes": [image1.theme, image2.theme]}
         try:
             return self._process(task, image1, image2, key, base)
         except EndpointError as e:
@@ -177,7 +179,7 @@ class Synthesizer:
 
     def run(self) -> dict:
         cfg = self.config
-        pools = scan_pools(cfg.pools)
+        pools = scan_pools({theme: pool.path for theme, pool in cfg.pools.items()})
         by_sha = {im.sha: im for images in pools.values() for im in images}
         work, counts = {}, {}
         for task, count in cfg.tasks.items():
@@ -265,11 +267,34 @@ class Synthesizer:
             by_task.setdefault(record["task"], []).append(record["key"])
         splits = assign_splits(by_task, self.config.test_fraction)
         for record in kept:
-            images = [os.path.relpath(p, self.out) for p in record["images"]]
+            try:  # the pool images into <out>/images, so the manifest never points outside the folder
+                stored = [store_image(Path(p), sha, self.out / "images") for p, sha in zip(record["images"], record["shas"])]
+                sources = self._sources(record)
+            except OSError as e:
+                log.warning("sample %s left out of the manifest: %s; put the pool image back and rerun "
+                            "(--manifest-only asks for nothing)", record["id"], e)
+                continue
+            images = [p.relative_to(self.out).as_posix() for p in stored]
             samples.append(Sample(record["id"], record["task"], images, record["instruction"], record.get("target"),
-                                  record.get("plan"), splits[record["key"]]))
+                                  record.get("plan"), splits[record["key"]], sources))
         write_manifest(path, samples)
         return path
+
+    def _sources(self, record) -> dict:
+        """The manifest's ``sources``: each image's pool's source and licence; the target's model."""
+        pools = self.config.pools
+        entries = []
+        for k, image in enumerate(record["images"]):
+            theme = (record.get("themes") or [None, None])[k]
+            if theme not in pools:  # a pair recorded before themes were: the pool folder holding the image
+                theme = next((t for t, pool in pools.items() if Path(image).is_relative_to(pool.path)), None)
+            if theme is None:
+                raise OSError(f"{image} is in none of the config's pools, so its source and licence are unknown")
+            entries.append(pools[theme].provenance())
+        sources = {"images": entries}
+        if record.get("target") and self.config.image is not None:
+            sources["target"] = self.config.image.provenance()
+        return sources
 
     def _summary(self, counts, stopped, manifest) -> dict:
         per_task = {t: {s: self.state.count(s, t) for s in ("kept", "rejected", "failed")} | {

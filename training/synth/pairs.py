@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +31,31 @@ def file_sha(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def store_image(path: Path, sha: str, folder: Path) -> Path:
+    """The pool image ``path`` (of content ``sha``) in ``folder`` as ``<sha><ext>``: a hard link (no
+    extra space), or a copy where a link is impossible (another file system, no link support).
+    Content-addressed, so an image used by many pairs is stored once. OSError, naming the file,
+    when it is gone or no longer holds the image it held when the pair was made."""
+    dest = folder / f"{sha}{path.suffix.lower()}"
+    if dest.is_file():
+        return dest
+    if not path.is_file():
+        raise OSError(f"{path} is gone")
+    if file_sha(path) != sha:
+        raise OSError(f"{path} changed since the pair was made")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, dest)
+    except FileExistsError:
+        pass  # stored meanwhile (same content, by its name)
+    except OSError as e:
+        log.debug("cannot hard-link %s (%s); copying", path, e)
+        part = dest.with_name(dest.name + ".part")
+        shutil.copyfile(path, part)
+        part.replace(dest)  # never a half-written image under the final name
+    return dest
 
 
 def scan_pools(pools: dict[str, Path]) -> dict[str, list[PoolImage]]:
