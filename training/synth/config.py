@@ -1,6 +1,6 @@
 """The synthesis config: theme pools, per-task counts, the LLM and image endpoints, judge, budget.
 
-A JSON, YAML or TOML file; relative paths are relative to the file. An example (tests/test_synth.py
+A JSON, YAML or TOML file; relative paths are relative to the file. An example (tests/test_examples.py
 loads it and checks its judge profile against judge/judges.example.json)::
 
     {
