@@ -166,7 +166,9 @@ class ComfyClient:
                     raise ExecutionFailed(self.server, prompt_id, _error_from_status(status))
                 return entry
             if deadline is not None and time.monotonic() > deadline:
-                raise ComfyError(f"prompt {prompt_id} on {self.server} did not finish within {timeout}s")
+                raise ComfyError(f"prompt {prompt_id} on {self.server} did not finish within {timeout}s: the server "
+                                 "took it but has not finished it (frozen, or busy with other work); check the server "
+                                 "or raise --timeout")
             time.sleep(poll_s)
 
     def _follow_socket(self, prompt_id, ws, on_event, deadline) -> None:
@@ -178,7 +180,9 @@ class ComfyClient:
                 raw = ws.recv()
             except websocket.WebSocketTimeoutException:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise ComfyError(f"prompt {prompt_id} on {self.server} timed out") from None
+                    raise ComfyError(f"prompt {prompt_id} on {self.server} did not finish within the time allowed: the "
+                                     "server took it but has sent no end (frozen, or busy with other work); check the "
+                                     "server or raise --timeout") from None
                 if self.history(prompt_id) is not None:  # finished while we were not told
                     return
                 continue
@@ -200,22 +204,27 @@ class ComfyClient:
                 return
 
     def download_outputs(self, entry: dict, out_dir, prefix: str = "", only_nodes: set[str] | None = None,
-                         folder_types=("output",)) -> list[Path]:
+                         folder_types=("output",), name: str | None = None) -> list[Path]:
+        """The prompt's saved images into ``out_dir``: under ComfyUI's file names (after ``prefix``), or,
+        with ``name``, as ``<name>.png`` (``<name>-<k>.png`` when there are several): names that do not
+        depend on the server's file counter, so a rerun writes the same files."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        images = [image for node_id, output in sorted(entry.get("outputs", {}).items(), key=lambda kv: str(kv[0]))
+                  if only_nodes is None or str(node_id) in only_nodes
+                  for image in output.get("images", []) if image.get("type", "output") in folder_types]
         paths = []
-        for node_id, output in sorted(entry.get("outputs", {}).items(), key=lambda kv: str(kv[0])):
-            if only_nodes is not None and str(node_id) not in only_nodes:
-                continue
-            for image in output.get("images", []):
-                if image.get("type", "output") not in folder_types:
-                    continue
-                data = self.view(image["filename"], image.get("subfolder", ""), image.get("type", "output"))
+        for k, image in enumerate(images):
+            data = self.view(image["filename"], image.get("subfolder", ""), image.get("type", "output"))
+            if name is not None:
+                suffix = Path(image["filename"]).suffix
+                path = out_dir / (f"{name}{suffix}" if len(images) == 1 else f"{name}-{k}{suffix}")
+            else:
                 path = out_dir / f"{prefix}{Path(image['filename']).name}"
-                tmp = path.with_name(path.name + ".part")
-                tmp.write_bytes(data)
-                tmp.replace(path)
-                paths.append(path)
+            tmp = path.with_name(path.name + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            paths.append(path)
         return paths
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .comfy_client import ComfyClient, EventCallback
+from .comfy_client import ComfyClient, EventCallback, normalize_server
 from .comfy_errors import ComfyError
 from .fill import check_node_types, fill_workflow, load_workflow, output_node_ids
 
@@ -51,11 +51,12 @@ log = logging.getLogger(__name__)
 
 def queue_job(server, workflow: dict, images, instruction: str, seed: int | None = None, out_dir=".",
               prefix: str = "", on_event: EventCallback | None = None, timeout: float | None = None,
-              use_websocket: bool = True, on_queued=None) -> list[Path]:
+              use_websocket: bool = True, on_queued=None, name: str | None = None) -> list[Path]:
     """Run one job on ``server`` (a URL or a :class:`ComfyClient`); returns the downloaded files.
 
     Checks the node types against ``/object_info`` before queueing, so a missing node is named
-    before anything runs. Raises :class:`~comfy_queue.comfy_errors.ComfyError` subclasses.
+    before anything runs. ``name`` saves the outputs as ``<name>.png`` (see ComfyClient.download_outputs)
+    instead of ComfyUI's numbered file names. Raises :class:`~comfy_queue.comfy_errors.ComfyError` subclasses.
     """
     client = server if isinstance(server, ComfyClient) else ComfyClient(server, use_websocket=use_websocket)
     try:
@@ -78,7 +79,7 @@ def queue_job(server, workflow: dict, images, instruction: str, seed: int | None
         if on_queued is not None:  # run_batch: what to cancel on the server if the run is interrupted
             on_queued(prompt_id)
         entry = client.wait(prompt_id, ws, on_event=on_event, timeout=timeout)
-        paths = client.download_outputs(entry, out_dir, prefix=prefix, only_nodes=output_node_ids(graph))
+        paths = client.download_outputs(entry, out_dir, prefix=prefix, only_nodes=output_node_ids(graph), name=name)
         if not paths:
             raise ComfyError(
                 f"prompt {prompt_id} on {client.server} finished but saved no image "
@@ -150,6 +151,22 @@ def read_jobs(path, split: str | None = None, default_task: str | None = None) -
     return jobs
 
 
+def check_jobs(jobs: list[Job], default_workflow: str | None = None) -> list[str]:
+    """Every problem of a batch a client can see before anything is queued: images that are not
+    there, a task without a workflow, a workflow file that is missing. Empty when the batch may start."""
+    problems = []
+    for job in jobs:
+        for key in ("image1", "image2"):
+            if not Path(getattr(job, key)).is_file():
+                problems.append(f"job {job.id}: {key} not found: {getattr(job, key)}")
+        workflow = job.workflow or default_workflow
+        if workflow is not None and not Path(workflow).is_file():
+            problems.append(f"job {job.id}: workflow not found: {workflow}")
+        elif workflow is None and job.task not in TASKS:
+            problems.append(f"job {job.id}: task {job.task!r} is not one of {', '.join(TASKS)} (or give a workflow)")
+    return problems
+
+
 def _done_ids(results_path: Path) -> set[str]:
     done = set()
     if results_path.exists():
@@ -214,7 +231,7 @@ def run_batch(servers: Iterable[str], jobs: Iterable[Job], out_dir, resume: bool
                 start = time.monotonic()
                 try:
                     paths = queue_job(client, workflow_for(job), [job.image1, job.image2], job.instruction,
-                                      job.seed, out_dir, prefix=f"{job.id}-", timeout=timeout,
+                                      job.seed, out_dir, name=job.id, timeout=timeout,
                                       on_queued=lambda prompt_id: running.__setitem__(client.server, prompt_id))
                     running.pop(client.server, None)
                     outputs = [str(p.relative_to(out_dir)) for p in paths]
@@ -291,15 +308,20 @@ def _tqdm(**kwargs):
     return tqdm(**kwargs)
 
 
-def _step_progress(enabled: bool) -> tuple[EventCallback | None, object]:
-    """A ws-event callback that shows each node's sampler steps on a tqdm bar."""
+def node_names(graph: dict) -> dict[str, str]:
+    """What progress calls each node of an API graph: its title, else its class (never a bare id)."""
+    return {str(i): (n.get("_meta") or {}).get("title") or n.get("class_type") or str(i) for i, n in graph.items()}
+
+
+def _step_progress(enabled: bool, names: dict[str, str] | None = None) -> tuple[EventCallback | None, object]:
+    """A ws-event callback that shows the running node's name and its sampler steps on a tqdm bar."""
     if not enabled:
         return None, None
     bar = _tqdm(total=0, desc="queued", leave=False)
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "executing" and data.get("node") is not None:
-            bar.set_description(f"node {data['node']}")
+            bar.set_description((names or {}).get(str(data["node"]), f"node {data['node']}"))
         elif kind == "progress":
             bar.total = data.get("max", 0)
             bar.n = data.get("value", 0)
@@ -333,6 +355,10 @@ def main(argv=None) -> int:
             for job in jobs:
                 if job.workflow is None and args.workflow:
                     job.workflow = args.workflow
+            problems = check_jobs(jobs)
+            if problems:  # every bad job named before the first is queued
+                print("error: the batch cannot start:\n  " + "\n  ".join(problems), file=sys.stderr)
+                return 2
             failed = 0
             for result in run_batch(servers, jobs, args.out, resume=not args.no_resume, timeout=args.timeout,
                                     use_websocket=not args.no_websocket, progress=not args.quiet):
@@ -346,13 +372,18 @@ def main(argv=None) -> int:
         if missing or not (args.task or args.workflow):
             p.error("give --batch, or --task/--workflow with " + ", ".join(missing or ["--image1 --image2 --instruction"]))
         workflow = load_workflow(args.task, args.workflow)
-        on_event, bar = _step_progress(not args.quiet)
+        on_event, bar = _step_progress(not args.quiet, node_names(workflow))
+        running: dict[str, str] = {}
         try:
             paths = queue_job(servers[0], workflow, [args.image1, args.image2], args.instruction, args.seed,
-                              args.out, on_event=on_event, timeout=args.timeout, use_websocket=not args.no_websocket)
+                              args.out, on_event=on_event, timeout=args.timeout, use_websocket=not args.no_websocket,
+                              on_queued=lambda prompt_id: running.__setitem__(normalize_server(servers[0]), prompt_id))
+            running.clear()
         finally:
             if bar is not None:
                 bar.close()
+            if running:  # interrupted: our prompt must not keep the server busy
+                cancel_prompts(running)
         for path in paths:
             print(path)
         return 0

@@ -152,6 +152,39 @@ def test_cli_server_down_exits_2_with_the_reason(pair, tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_a_batch_names_every_bad_job_before_the_first_is_queued(pair, tmp_path, capsys):
+    from comfy_queue.queue import main
+
+    wf = tmp_path / "paste.json"
+    wf.write_text(json.dumps(PASTE_GRAPH))
+    batch = tmp_path / "jobs.jsonl"
+    batch.write_text("\n".join(json.dumps(j) for j in (
+        {"id": "good", "image1": str(pair[0]), "image2": str(pair[1]), "instruction": "x", "workflow": str(wf)},
+        {"id": "no-image", "image1": "gone.png", "image2": str(pair[1]), "instruction": "x", "workflow": str(wf)},
+        {"id": "no-task", "image1": str(pair[0]), "image2": str(pair[1]), "instruction": "x", "task": "dance"},
+        {"id": "no-workflow", "image1": str(pair[0]), "image2": str(pair[1]), "instruction": "x",
+         "workflow": "missing.json"})) + "\n")
+    # the server is down: had any job been started, the error would be about the server
+    assert main(["--server", dead_url(), "--batch", str(batch), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "job no-image: image1 not found" in err and "job no-task: task 'dance'" in err
+    assert "job no-workflow: workflow not found" in err and "job good" not in err and "not reachable" not in err
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_progress_names_nodes_by_title_not_by_id():
+    from comfy_queue.queue import _step_progress, node_names
+
+    on_event, bar = _step_progress(True, node_names(PASTE_GRAPH))
+    try:
+        on_event("executing", {"node": "2", "prompt_id": "p"})
+        assert bar.desc.rstrip(": ") == " Image  2"  # tqdm adds ": " to a description
+        on_event("executing", {"node": "6", "prompt_id": "p"})
+        assert bar.desc.rstrip(": ") == (PASTE_GRAPH["6"].get("_meta") or {}).get("title", "SaveImage")
+    finally:
+        bar.close()
+
+
 # -- against the real host ----------------------------------------------------------------------
 @pytest.mark.host
 def test_queue_job_uploads_runs_follows_ws_and_downloads(comfy_server, pair, tmp_path):
@@ -214,7 +247,7 @@ def test_batch_shared_by_servers_with_one_down_then_resume(comfy_server, pair, t
     assert all(r.ok for r in results), [r.error for r in results]
     assert {r.server for r in results} <= set(servers[:2])
     for r in results:
-        assert len(r.outputs) == 1 and r.outputs[0].startswith(f"{r.job.id}-batch job {r.job.seed}_")
+        assert r.outputs == [f"{r.job.id}.png"]  # named by the job, not by the server's file counter
         assert np.array_equal(np.array(Image.open(out / r.outputs[0])), pasted(scene, subject, x=r.job.seed))
     lines = [json.loads(t) for t in (out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4
