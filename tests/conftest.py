@@ -1,6 +1,9 @@
 import logging
+import os
 
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as training/ sets it: tests never wait on the network
 
 from comfy_host import comfy_path, import_host, load_pack, skip_reason, start_server
 
