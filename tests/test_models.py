@@ -214,7 +214,7 @@ def test_toy_base_builds_once_then_comes_from_cache(tmp_path):
     """A seconds-sized recipe through the whole build (world, VAE, full-parameter pretraining)."""
     import time
 
-    from training.models import toy_base
+    from training.toy.base import toy_base
 
     quick = dict(single_train=16, single_test=4, vae_images=32, vae_steps=3, base_steps=2, base_batch=4,
                  progress=False)
