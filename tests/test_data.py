@@ -9,7 +9,8 @@ from PIL import Image
 
 from sft_helpers import micro_model, micro_world, write_lines
 from training.cache import CachedDataset, EmbeddingCache, prepare_cache
-from training.data import BadManifestError, BucketBatches, bucket_size, bucket_sizes, load_manifest, read_manifest
+from training.data import (BadManifestError, BucketBatches, bucket_size, bucket_sizes, load_manifest, pixel_budget,
+                           read_manifest)
 from training.models import load_kontext
 
 
@@ -75,6 +76,8 @@ def test_buckets_are_a_fixed_list_around_the_pixel_budget():
     for h, w in sizes:
         assert h % 16 == 0 and w % 16 == 0 and 0.9 * 512 * 512 <= h * w <= 512 * 512
     assert bucket_size(64, 64, 4096, 8) == (64, 64)  # the toy world's square images: unchanged
+    assert bucket_size(64, 64, 512 * 512, 8) == (64, 64)  # a small image is never scaled up
+    assert pixel_budget(48, 64, 4096) == 2896 and pixel_budget(2000, 2000, 4096) == 4096
     h, w = bucket_size(1000, 1500, 512 * 512, 16)
     assert (h, w) == (416, 624) and abs(w / h - 1.5) < 0.01
     assert bucket_size(1500, 1000, 512 * 512, 16) == (624, 416)  # portrait stays portrait
@@ -119,12 +122,13 @@ def test_mixed_aspect_references_get_their_own_buckets(tmp_path, bundle):
     cache = EmbeddingCache.for_bundle(tmp_path / "cache", bundle)
     entries, _ = prepare_cache(records, bundle, cache, max_pixels=64 * 64, progress=False)
     shapes = [e.shapes for e in entries]
-    # 48x64 goes to the 3:4 bucket of 4096 px (56x72: 14x18 latents), cropped, not stretched
-    assert shapes[0] == ((16, 16), (16, 16), (16, 16)) and shapes[1] == ((16, 16), (16, 16), (14, 18))
-    assert shapes[3] == ((16, 16), (16, 16), (18, 14))  # a portrait reference stays portrait
+    # 48x64 (3072 px, under the 4096 budget: never upscaled) goes to the nearest bucket at 2896 px
+    # (48x56: 12x14 latents), cropped, not stretched
+    assert shapes[0] == ((16, 16), (16, 16), (16, 16)) and shapes[1] == ((16, 16), (16, 16), (12, 14))
+    assert shapes[3] == ((16, 16), (16, 16), (14, 12))  # a portrait reference stays portrait
     dataset = CachedDataset(entries, cache)
     batch = dataset.batch([1, 4])
-    assert batch.refs[1].shape == (2, 16, 14, 18)
+    assert batch.refs[1].shape == (2, 16, 12, 14)
     with pytest.raises(ValueError, match="mixes latent shapes"):
         dataset.batch([0, 1])
 

@@ -182,10 +182,20 @@ def bucket_sizes(max_pixels: int, multiple: int, ratios: tuple = BUCKET_RATIOS) 
     return tuple(sorted(sizes))
 
 
+def pixel_budget(height: int, width: int, max_pixels: int) -> int:
+    """``max_pixels``, or for a smaller image the largest step ``max_pixels / sqrt(2)**k`` not above
+    its area: images are scaled down to their bucket, never up, and small ones share a few levels."""
+    area = height * width
+    if area >= max_pixels:
+        return max_pixels
+    k = math.ceil(2 * math.log2(max_pixels / area) - 1e-9)
+    return int(max_pixels / 2 ** (k / 2) + 1e-6)
+
+
 def bucket_size(height: int, width: int, max_pixels: int, multiple: int) -> tuple[int, int]:
     """The pixel size (H, W) of the bucket an ``height`` x ``width`` image goes to: the nearest aspect
-    ratio (in log scale) of :func:`bucket_sizes`."""
-    return _ranked(height, width, bucket_sizes(max_pixels, multiple), 1)[0][1]
+    ratio (in log scale) of :func:`bucket_sizes` at its :func:`pixel_budget`."""
+    return _ranked(height, width, bucket_sizes(pixel_budget(height, width, max_pixels), multiple), 1)[0][1]
 
 
 def _ranked(height: int, width: int, sizes, top: int) -> list[tuple[float, tuple[int, int]]]:
@@ -198,14 +208,14 @@ def assign_buckets(dims: list[list[tuple[int, int]]], max_pixels: int, multiple:
                    share: int | None = None, passes: int = 4) -> list[tuple[tuple[int, int], ...]]:
     """Per sample, the bucket size of each of its images (``dims[i]`` = their (H, W)).
 
-    Each image goes to its nearest bucket. With ``share`` (samples per process per batch), samples
+    Each image goes to its nearest bucket (:func:`bucket_size`). With ``share`` (samples per process per batch), samples
     are then moved so that fewer combinations are left with a part-share: a combination short of a
     full share takes samples whose every image has that bucket as its nearest or next-nearest one
     (cheapest extra crop first), from combinations with a smaller remainder. Deterministic, so
     every process computes the same assignment.
     """
-    sizes = bucket_sizes(max_pixels, multiple)
-    prefs = [[_ranked(h, w, sizes, 2) for h, w in sample] for sample in dims]
+    prefs = [[_ranked(h, w, bucket_sizes(pixel_budget(h, w, max_pixels), multiple), 2) for h, w in sample]
+             for sample in dims]
     keys = [tuple(p[0][1] for p in sample) for sample in prefs]
     if not share or share <= 1:
         return keys
