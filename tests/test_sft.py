@@ -3,6 +3,7 @@
 Runs a micro Kontext (toy architecture, random weights) on a small DualShapes world for seconds.
 """
 import json
+import logging
 import math
 from pathlib import Path
 import subprocess
@@ -242,13 +243,15 @@ def test_task_repeats_naming_a_task_the_data_lacks_is_refused(micro, world, tmp_
         train(cfg)
 
 
-def test_bf16_with_gradient_checkpointing_trains(micro, world, tmp_path):
+def test_bf16_with_gradient_checkpointing_trains(micro, world, tmp_path, caplog):
     from training.lora_io import load_lora
 
     cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 2, "precision": "bf16",
                                                              "gradient_checkpointing": True},
                      run={"val_at_start": False, "val_samples": 0})
+    caplog.set_level(logging.INFO, logger="training.sft.trainer")
     result = train(cfg)
+    assert "data: each epoch uses 16 of 16 samples (100.0 %)" in caplog.text  # reported at start
     assert math.isfinite(result.loss)
     state, meta = load_lora(result.lora_path)
     assert meta.train["precision"] == "bf16"
