@@ -37,6 +37,7 @@ def sft_config(model: Path, manifest: Path, out: Path, **sections) -> SFTConfig:
     cfg.model.path = str(model)
     cfg.data.manifest = str(manifest)
     cfg.data.batch_size = 4
+    cfg.data.val_split = "test"  # these tests' held-out loss: the micro world's whole test split
     cfg.lora.rank = 4
     cfg.optim.lr = 2e-3
     cfg.train.max_steps = 6

@@ -9,7 +9,8 @@ from PIL import Image
 
 from sft_helpers import micro_model, micro_world, write_lines
 from training.cache import CachedDataset, EmbeddingCache, prepare_cache
-from training.data import BadManifestError, BucketBatches, fit_size, load_manifest, read_manifest, write_skipped
+from training.data import (BadManifestError, BucketBatches, bucket_size, bucket_sizes, load_manifest, pixel_budget,
+                           read_manifest, write_skipped)
 from training.models import load_kontext
 
 
@@ -74,12 +75,18 @@ def test_skip_bad_goes_on_and_lists_what_it_skipped(world, tmp_path):
     assert skipped[1] == {"line": 3, "reason": "image x cannot be decoded", "text": json.dumps(rows[2])}
 
 
-def test_fit_size_keeps_aspect_ratio_and_multiples():
-    assert fit_size(64, 64, 512 * 512, 8) == (64, 64)
-    h, w = fit_size(1000, 1500, 512 * 512, 16)
-    assert h % 16 == 0 and w % 16 == 0 and h * w <= 512 * 512
-    assert abs(w / h - 1.5) < 0.05
-    assert fit_size(48, 64, 4096, 8) == (48, 64)
+def test_buckets_are_a_fixed_list_around_the_pixel_budget():
+    sizes = bucket_sizes(512 * 512, 16)
+    assert len(sizes) == 9 and (512, 512) in sizes
+    for h, w in sizes:
+        assert h % 16 == 0 and w % 16 == 0 and 0.9 * 512 * 512 <= h * w <= 512 * 512
+    assert bucket_size(64, 64, 4096, 8) == (64, 64)  # the toy world's square images: unchanged
+    assert bucket_size(64, 64, 512 * 512, 8) == (64, 64)  # a small image is never scaled up
+    assert pixel_budget(48, 64, 4096) == 2896 and pixel_budget(2000, 2000, 4096) == 4096
+    h, w = bucket_size(1000, 1500, 512 * 512, 16)
+    assert (h, w) == (416, 624) and abs(w / h - 1.5) < 0.01
+    assert bucket_size(1500, 1000, 512 * 512, 16) == (624, 416)  # portrait stays portrait
+    assert bucket_size(1000, 4000, 512 * 512, 16) == max(sizes, key=lambda s: s[1] / s[0])  # beyond 2:1: the widest
 
 
 def test_buckets_group_equal_shapes_and_resume_mid_epoch():
@@ -120,11 +127,13 @@ def test_mixed_aspect_references_get_their_own_buckets(tmp_path, bundle):
     cache = EmbeddingCache.for_bundle(tmp_path / "cache", bundle)
     entries, _ = prepare_cache(records, bundle, cache, max_pixels=64 * 64, progress=False)
     shapes = [e.shapes for e in entries]
-    assert shapes[0] == ((16, 16), (16, 16), (16, 16)) and shapes[1] == ((16, 16), (16, 16), (12, 16))
-    assert shapes[3] == ((16, 16), (16, 16), (16, 12))  # a portrait reference stays portrait
+    # 48x64 (3072 px, under the 4096 budget: never upscaled) goes to the nearest bucket at 2896 px
+    # (48x56: 12x14 latents), cropped, not stretched
+    assert shapes[0] == ((16, 16), (16, 16), (16, 16)) and shapes[1] == ((16, 16), (16, 16), (12, 14))
+    assert shapes[3] == ((16, 16), (16, 16), (14, 12))  # a portrait reference stays portrait
     dataset = CachedDataset(entries, cache)
     batch = dataset.batch([1, 4])
-    assert batch.refs[1].shape == (2, 16, 12, 16)
+    assert batch.refs[1].shape == (2, 16, 12, 14)
     with pytest.raises(ValueError, match="mixes latent shapes"):
         dataset.batch([0, 1])
 
@@ -175,3 +184,73 @@ def test_interrupted_caching_resumes(world, bundle, tmp_path):
     assert stats.images_cached > 0 and stats.images_computed > 0
     _, stats = prepare_cache(records, bundle, cache, max_pixels=64 * 64, progress=False)
     assert stats.all_hits
+
+
+def _diverse_dims(n, seed, independent_ref2):
+    """(target, ref1, ref2) pixel sizes with aspect ratios log-uniform over [0.5, 2]; the target shares
+    ref1's (an edit of it); ref2 its own, or also ref1's."""
+    rng = np.random.default_rng(seed)
+    a = np.exp(rng.uniform(np.log(0.5), np.log(2), n))
+    b = np.exp(rng.uniform(np.log(0.5), np.log(2), n)) if independent_ref2 else a
+    return [[(1000, int(round(1000 * x)))] * 2 + [(1000, int(round(1000 * y)))] for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("independent_ref2", [False, True])
+def test_a_diverse_aspect_manifest_uses_95_percent_per_epoch_on_8_ranks(independent_ref2, caplog):
+    """2,000 samples at 512x512, global batch 64 = 8 ranks x 8: the bucketing code alone (no encoding).
+    Before: exact shapes, a batch per bucket -> 26 % used (issue 17)."""
+    from training.data import assign_buckets
+
+    dims = _diverse_dims(2000, 0, independent_ref2)
+    keys = assign_buckets(dims, 512 * 512, 16, share=8)
+    assert len({s for k in keys for s in k}) <= 9  # the fixed list
+    batches = BucketBatches(keys, 64, seed=0, processes=8)
+    used, total = batches.usage()
+    assert total == 2000 and used >= 0.95 * total, batches.describe()
+    epoch = batches.epoch(0)
+    assert sum(map(len, epoch)) == used and len({i for b in epoch for i in b}) == used  # each used once
+    for batch in epoch:  # every rank's share is one shape (stackable); ranks may differ
+        assert all(len({keys[i] for i in batch[r * 8:(r + 1) * 8]}) == 1 for r in range(8))
+    assert f"each epoch uses {used} of 2000 samples" in batches.describe()
+    one_rank = BucketBatches(assign_buckets(dims, 512 * 512, 16), 64, seed=0)  # the whole batch one shape
+    assert one_rank.usage()[0] < used
+    for sample, key in zip(dims, keys):  # a moved image went to its next-nearest bucket at most
+        for (h, w), (bh, bw) in zip(sample, key):
+            assert abs(np.log(bw / bh) - np.log(w / h)) < np.log(16 / 9) - np.log(3 / 2) + np.log(1.2)
+
+
+def test_images_are_resized_to_cover_their_bucket_and_centre_cropped(tmp_path):
+    """A 3:1 gradient image into the widest bucket of 4096 px (40x88): one scale on both axes (no
+    stretch), the centre kept; a square image at its bucket's size comes back untouched."""
+    from training.data import load_pixels
+
+    h, w = 100, 300
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    image = np.stack([xs / (w - 1) * 255, ys / (h - 1) * 255, np.zeros_like(xs)], -1).round().astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    size = bucket_size(h, w, 4096, 8)
+    assert size == (40, 88)
+    out = (load_pixels(tmp_path / "wide.png", size) + 1) * 127.5
+    assert out.shape == (3, 40, 88)
+    inner = out[:, 4:-4, 4:-4]
+    slope_x = (inner[0, :, -1] - inner[0, :, 0]).mean() / (inner.shape[2] - 1)  # red levels per output column
+    slope_y = (inner[1, -1, :] - inner[1, 0, :]).mean() / (inner.shape[1] - 1)  # green levels per output row
+    scale_x, scale_y = 255 / ((w - 1) * slope_x), 255 / ((h - 1) * slope_y)  # output pixels per source pixel
+    assert abs(scale_x - 0.4) < 0.01 and abs(scale_y - 0.4) < 0.01  # 100 -> 40 rows: 0.4 both ways
+    assert abs(out[0, :, 43:45].mean() - 127.5) < 2  # the centre column stays in the centre
+    square = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(square).save(tmp_path / "square.png")
+    assert torch.equal(load_pixels(tmp_path / "square.png", (64, 64)),
+                       torch.from_numpy(square.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
+
+
+def test_validation_holds_out_a_slice_of_the_training_split():
+    from training.config import SFTConfig
+    from training.data import hold_out
+
+    assert SFTConfig().data.val_split == "train"  # never the benchmark's test split by default
+    records = list(range(100))
+    train, held = hold_out(records, 32)
+    assert len(held) == 10 and not set(train) & set(held) and sorted(train + held) == records  # at most a tenth
+    assert held == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # spread: every task of a sorted manifest
+    assert hold_out(records, 5)[1] == [0, 20, 40, 60, 80] and hold_out(records[:9], 32) == (records[:9], [])

@@ -60,6 +60,7 @@ def test_two_iterations_write_metrics_and_a_ddpo_lora(setup, straight):
     assert meta.stage == "ddpo" and meta.rank == 4 and meta.train["steps"] == 2
     weights = _lora(out)
     assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0  # B starts at 0
+    assert {v.dtype for k, v in weights.items() if "lora_" in k} == {torch.bfloat16}  # lora.save_dtype default
     assert result.lora_path == out / DDPO_LORA
 
 

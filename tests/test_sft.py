@@ -3,6 +3,7 @@
 Runs a micro Kontext (toy architecture, random weights) on a small DualShapes world for seconds.
 """
 import json
+import logging
 import math
 from pathlib import Path
 import subprocess
@@ -51,6 +52,8 @@ def test_tiny_sft_lowers_held_out_loss_and_writes_a_dualref_lora(micro, world, t
     assert meta.base_fingerprint == load_kontext(micro).base_fingerprint()
     assert meta.train["steps"] == 16 and meta.train["batch_size"] == 4
     assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.lora_A") for k in state)
+    assert {v.dtype for k, v in state.items() if "lora_" in k} == {torch.bfloat16}  # lora.save_dtype default
+    assert {v.dtype for k, v in state.items() if k.endswith(".alpha")} == {torch.float32}
     assert (tmp_path / "run" / "val" / "step_0000016.png").is_file()
     assert (tmp_path / "run" / "val" / "step_0000000.png").is_file()
 
@@ -70,6 +73,8 @@ def test_resume_mid_epoch_gives_the_same_weights(micro, world, tmp_path):
     assert saved == ["step_0000003", "step_0000005"]  # the interrupt saved where it stopped
     state = json.loads((tmp_path / "b" / "checkpoints" / "step_0000005" / "state.json").read_text())
     assert (state["epoch"], state["position"]) == (1, 1)
+    trainable = load_file(tmp_path / "b" / "checkpoints" / "step_0000005" / "trainable.safetensors")
+    assert {v.dtype for v in trainable.values()} == {torch.float32}  # resumable: fp32, the export bf16
     resumed = train(cfg, resume=True)
     a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
     assert a.keys() == b.keys()
@@ -263,15 +268,18 @@ def test_task_repeats_naming_a_task_the_data_lacks_is_refused(micro, world, tmp_
         train(cfg)
 
 
-def test_bf16_with_gradient_checkpointing_trains(micro, world, tmp_path):
+def test_bf16_with_gradient_checkpointing_trains(micro, world, tmp_path, caplog):
     from training.lora_io import load_lora
 
     cfg = sft_config(micro, world, tmp_path / "run", train={"max_steps": 2, "precision": "bf16",
                                                              "gradient_checkpointing": True},
                      run={"val_at_start": False, "val_samples": 0})
+    caplog.set_level(logging.INFO, logger="training.sft.trainer")
     result = train(cfg)
+    assert "data: each epoch uses 16 of 16 samples (100.0 %)" in caplog.text  # reported at start
     assert math.isfinite(result.loss)
     state, meta = load_lora(result.lora_path)
     assert meta.train["precision"] == "bf16"
-    assert all(v.dtype == torch.float32 for k, v in state.items() if "lora_" in k)  # trained in fp32 over bf16
+    # trained in fp32 over the bf16 base; exported in lora.save_dtype (default bf16)
+    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if "lora_" in k)
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_B" in k)

@@ -37,11 +37,11 @@ def test_two_gloo_processes_match_one(tmp_path):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({
         "model": {"path": str(model)}, "data": {"manifest": str(manifest), "batch_size": 4},
-        "lora": {"rank": 4}, "optim": {"lr": 2e-3}, "train": {"max_steps": 4},
+        "lora": {"rank": 4, "save_dtype": "fp32"}, "optim": {"lr": 2e-3}, "train": {"max_steps": 4},
         "run": {"checkpoint_every": 0, "val_at_start": False, "val_samples": 0, "val_loss_samples": 2}}))
     one, metrics_one = _run(config, tmp_path / "one", 1)
     two, metrics_two = _run(config, tmp_path / "two", 2)
-    worst = largest_relative_difference(one, two, 2e-3)
+    worst = largest_relative_difference(one, two, 2e-3)  # fp32 files: bf16 rounding alone is 4e-3
     moved = max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k)
     assert moved > 1e-3  # the LoRA did train, so the comparison means something
     loss_one = [r["loss"] for r in metrics_one if "loss" in r]
@@ -60,7 +60,7 @@ def test_ctrl_c_on_two_processes_saves_the_last_step_and_resume_matches(tmp_path
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({  # checkpoint_every 0: only the interrupt can write a checkpoint early
         "model": {"path": str(model)}, "data": {"manifest": str(manifest), "batch_size": 4},
-        "lora": {"rank": 4}, "optim": {"lr": 2e-3}, "train": {"max_steps": 40},
+        "lora": {"rank": 4, "save_dtype": "fp32"}, "optim": {"lr": 2e-3}, "train": {"max_steps": 40},
         "run": {"checkpoint_every": 0, "val_at_start": False, "val_samples": 0, "val_loss_samples": 2}}))
     straight, _ = _run(config, tmp_path / "straight", 2)
 

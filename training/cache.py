@@ -21,7 +21,7 @@ import torch
 
 from judge.manifest import ManifestError
 
-from .data import Record, fit_size, image_size, load_pixels
+from .data import Record, assign_buckets, image_size, load_pixels
 from .files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class EmbeddingCache:
 
     def image_key(self, path: Path, size: tuple[int, int]) -> str:
         digest = hashlib.sha256(Path(path).read_bytes())
-        digest.update(f"|vae={self.vae_fingerprint}|size={size[0]}x{size[1]}".encode())
+        # "cover": resized to cover ``size`` and centre-cropped (training.data.load_pixels)
+        digest.update(f"|vae={self.vae_fingerprint}|size={size[0]}x{size[1]}|cover".encode())
         return digest.hexdigest()[:32]
 
     def text_key(self, text: str) -> str:
@@ -104,23 +105,31 @@ def _progress(items, desc, enabled):
 
 def prepare_cache(records: list[Record], bundle, cache: EmbeddingCache, *, max_pixels: int,
                   batch_size: int = 16, progress: bool = True, skip_bad: bool = False,
-                  manifest="manifest"):
+                  manifest="manifest", share: int | None = None):
     """Key every record and encode what the cache lacks. Returns ``(entries, stats)``.
+
+    Images are sized by their aspect-ratio bucket (:func:`training.data.assign_buckets`); ``share``
+    (training samples per process per batch) lets samples move to a next-nearest bucket so that
+    more of them fill whole batches.
 
     A record whose image fails to decode stops the run naming its manifest line, or with ``skip_bad``
     is left out and listed in ``stats.failed`` as ``(line_no, reason)``.
     """
     multiple, scale = bundle.pixel_multiple, bundle.vae_scale_factor
     stats, entries, failed = CacheStats(), [], []
+    readable, dims = [], []
     for record in records:
         try:
-            ref_sizes = [fit_size(*image_size(p), max_pixels, multiple) for p in record.refs]
-            target_size = fit_size(*image_size(record.target), max_pixels, multiple) if record.target else None
-            ref_keys = [cache.image_key(p, s) for p, s in zip(record.refs, ref_sizes)]
-            target_key = cache.image_key(record.target, target_size) if record.target else None
+            dims.append([image_size(p) for p in ([record.target] if record.target else []) + record.refs])
+            readable.append(record)
         except OSError as e:
             failed.append((record.line_no, f"cannot read an image ({e})"))
-            continue
+    # sizes per sample: the target (if any), then each reference; samples of one shape batch together
+    for record, sizes in zip(readable, assign_buckets(dims, max_pixels, multiple, share)):
+        target_size = sizes[0] if record.target else None
+        ref_sizes = list(sizes[1:] if record.target else sizes)
+        ref_keys = [cache.image_key(p, s) for p, s in zip(record.refs, ref_sizes)]
+        target_key = cache.image_key(record.target, target_size) if record.target else None
         entries.append(Entry(record, ref_keys, ref_sizes, target_key, target_size,
                              cache.text_key(record.sample.instruction), scale))
     # Images to encode, grouped by size so VAE batches are rectangular.

@@ -28,11 +28,13 @@ import torch
 from .lora_io import transformer_fingerprint
 from .model_files import (
     ModelFileError,
+    check_files,
     check_kind,
     file_fingerprint,
     load_text_encoder_file,
     load_transformer_file,
     load_vae_file,
+    shard_files,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ def _folder_weights(root: Path, component: str) -> list[Path]:
     if not (folder / "config.json").is_file():
         raise ModelFileError(root, f"no {component}/config.json in this diffusers folder",
                              "pass the folder of a complete FLUX.1 Kontext-dev download")
+    shards = shard_files(folder, component)  # the release shards its transformer and T5
+    if shards is not None:
+        return shards
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".ckpt"))
@@ -126,9 +131,9 @@ def resolve_kontext(path=None, *, transformer=None, vae=None, clip_l=None, t5=No
                                  "model.transformer / vae / clip_l / t5")
         else:
             weights = {c: _folder_weights(root, c) for c in COMPONENTS}
-            for component, files in weights.items():
-                for f in files:
-                    check_kind(f, _EXPECTED[component], f"{component} (diffusers folder)")
+            for component, files in weights.items():  # a component is judged by all its shards together
+                check_files(files, _EXPECTED[component], f"{component} (diffusers folder)",
+                            files[0] if len(files) == 1 else root / component)
             tokenizers_found = {t: root / t for t in ("tokenizer", "tokenizer_2")}
             for name, folder in tokenizers_found.items():
                 if not folder.is_dir():
@@ -177,14 +182,14 @@ class KontextBundle:
         elif src.kind == "diffusers":
             obj = self._load_from_folder(name)
         elif name == "transformer":
-            obj = load_transformer_file(src.weights[name][0], src.configs[name].parent, self.dtype)
+            obj = load_transformer_file(src.weights[name][0], src.configs[name].parent, self.dtype, self.device)
         elif name == "vae":
-            obj = load_vae_file(src.weights[name][0], src.configs[name].parent, self.vae_dtype)
+            obj = load_vae_file(src.weights[name][0], src.configs[name].parent, self.vae_dtype, self.device)
         else:
             kind = "clip" if name == "text_encoder" else "t5"
-            obj = load_text_encoder_file(src.weights[name][0], src.configs[name], kind, self.text_dtype)
+            obj = load_text_encoder_file(src.weights[name][0], src.configs[name], kind, self.text_dtype, self.device)
         if isinstance(obj, torch.nn.Module):
-            obj = obj.to(self.device).eval()
+            obj = obj.to(self.device).eval()  # already there (loaded onto it); moves nothing, casts nothing
             if name != "transformer":
                 obj.requires_grad_(False)  # the VAE and text encoders stay frozen (as Kontext's)
         self._loaded[name] = obj
@@ -197,9 +202,12 @@ class KontextBundle:
         cls = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "text_encoder_2": T5EncoderModel}[name]
         dtype = {"transformer": self.dtype, "vae": self.vae_dtype}.get(name, self.text_dtype)
+        # Meta init + shards read straight into ``dtype`` (both libraries' low-memory path), onto the device.
+        placement = {} if self.device.type == "cpu" else {"device_map": {"": str(self.device)}}
+        kwargs = {"torch_dtype": dtype, "low_cpu_mem_usage": True} if name in ("transformer", "vae") else {"dtype": dtype}
         try:
-            return cls.from_pretrained(str(self.source.configs[name]), torch_dtype=dtype, local_files_only=True,
-                                       use_safetensors=True)
+            return cls.from_pretrained(str(self.source.configs[name]), local_files_only=True, use_safetensors=True,
+                                       **kwargs, **placement)
         except (OSError, RuntimeError, ValueError) as e:
             raise ModelFileError(self.source.configs[name], f"could not load the {name} ({e})",
                                  "check that the folder holds a complete, matching download") from e
@@ -236,13 +244,16 @@ class KontextBundle:
         return self.vae_scale_factor * 2
 
     def fingerprint(self, part: str) -> str:
-        """Content hash of ``transformer``, ``vae`` or ``text`` (both encoders + tokenizers + length)."""
+        """Content hash of ``transformer``, ``vae`` or ``text`` (both encoders + tokenizers + length + the
+        dtype they run in: bf16 and fp32 embeddings differ, and the text cache is keyed by this)."""
         if part not in self._fingerprints:
             src = self.source
             if part == "text":
                 files = src.weights["text_encoder"] + src.weights["text_encoder_2"]
                 files += sorted(p for t in src.tokenizers.values() for p in t.iterdir() if p.is_file())
-                value = hashlib.sha256(f"{file_fingerprint(files)}:{self.max_sequence_length}".encode()).hexdigest()[:20]
+                dtype = str(self.text_dtype).removeprefix("torch.")
+                value = hashlib.sha256(
+                    f"{file_fingerprint(files)}:{self.max_sequence_length}:{dtype}".encode()).hexdigest()[:20]
             else:
                 value = file_fingerprint(src.weights[part])
             self._fingerprints[part] = value
@@ -286,21 +297,24 @@ class KontextBundle:
 
 
 def load_kontext(path=None, *, transformer=None, vae=None, clip_l=None, t5=None, tokenizers=None,
-                 dtype=torch.float32, vae_dtype=torch.float32, device="cpu", configs=KONTEXT_CONFIGS) -> KontextBundle:
+                 dtype=torch.float32, vae_dtype=torch.float32, text_dtype=torch.float32, device="cpu",
+                 configs=KONTEXT_CONFIGS) -> KontextBundle:
     """Kontext from a diffusers folder (``path``) or from single files. Nothing is downloaded.
 
     Components load on first use (``bundle.transformer`` etc.). Jobs call :func:`load_model`.
     """
     source = resolve_kontext(path, transformer=transformer, vae=vae, clip_l=clip_l, t5=t5,
                              tokenizers=tokenizers, configs=configs)
-    return KontextBundle(source, dtype=dtype, vae_dtype=vae_dtype, device=device)
+    return KontextBundle(source, dtype=dtype, vae_dtype=vae_dtype, device=device, text_dtype=text_dtype)
 
 
 def load_model(model, *, device, precision: str) -> KontextBundle:
     """The one way a job loads its model: the ``model`` config section, on ``device``, the transformer
-    in ``precision`` (``fp32`` | ``bf16``); the VAE and text encoders stay fp32 (cached latents and
-    embeddings are keyed by their weights, not their dtype)."""
+    and both text encoders in ``precision`` (``fp32`` | ``bf16``: T5-XXL is 9 GiB in bf16, 18 in fp32);
+    the VAE stays fp32 (168 MiB; latents keyed by its weights). Text embeddings are keyed by the
+    encoders' dtype too (:meth:`KontextBundle.fingerprint`), so fp32 and bf16 caches never mix."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     return load_kontext(model.path, transformer=model.transformer, vae=model.vae, clip_l=model.clip_l, t5=model.t5,
-                        tokenizers=model.tokenizers, device=device, dtype=PRECISIONS[precision])
+                        tokenizers=model.tokenizers, device=device, dtype=PRECISIONS[precision],
+                        text_dtype=PRECISIONS[precision])

@@ -35,6 +35,7 @@ class DDPOLoRAConfig:
     sft: str | None = None  # the frozen SFT LoRA file; merged into the base weights before the DDPO LoRA is added
     rank: int = 32  # the paper's DDPO rank (Sec. 4.1)
     alpha: float | None = None  # None: alpha = rank
+    save_dtype: str = "bf16"  # bf16 | fp32: dtype of dualref_ddpo.safetensors (checkpoints stay fp32)
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
 
 
@@ -153,6 +154,7 @@ class DDPOConfig:
 
         d, r = self.ddpo, self.run
         choices = {"ddpo.advantage": (d.advantage, ADVANTAGES), "run.precision": (r.precision, ("fp32", "bf16")),
+                   "lora.save_dtype": (self.lora.save_dtype, ("bf16", "fp32")),
                    "run.layout": (r.layout, (None,) + tuple(METHODS)),
                    "judge.mode": (self.judge.mode, (None, "binary", "probability")),
                    "eval.mode": (self.eval.mode, (None, "binary", "probability"))}

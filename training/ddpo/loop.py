@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..data import load_manifest, write_skipped
 from ..evaluation import sample_images, sampler_config
 from ..files import cache_dir_for
-from ..models import load_model
+from ..models import PRECISIONS, load_model
 from ..runtime import MetricsLog, make_accelerator, spread, tracking_dir
 from . import state as ddpo_state
 from .config import DDPOConfig
@@ -278,7 +278,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
             rank=cfg.lora.rank, alpha=cfg.lora.alpha, iterations=cfg.ddpo.iterations,
             samples_per_iteration=cfg.ddpo.prompts_per_iteration * cfg.ddpo.group_size, world_size=world,
             seed=cfg.run.seed, lr=cfg.optim.lr, max_pixels=cfg.data.max_pixels, precision=cfg.run.precision,
-            manifest=cfg.data.manifest)
+            manifest=cfg.data.manifest, dtype=PRECISIONS[cfg.lora.save_dtype])
     judge_pool.close(close_judge=owns_judge)
     if cfg.run.trackers and main:  # the reward curve so far, as the report stage draws it
         curve = reward_curve(run_dir / "metrics.jsonl", tracking_dir(run_dir) / "reward_curve.png")

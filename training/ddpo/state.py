@@ -133,7 +133,8 @@ def latest(run_dir) -> Path | None:
 
 def export_ddpo_lora(path, transformer, *, layout: str, base_fingerprint: str, sft_path, rank: int,
                      alpha: float | None, iterations: int, samples_per_iteration: int, world_size: int, seed: int,
-                     lr: float, max_pixels: int, precision: str, manifest) -> "LoraMetadata":  # noqa: F821
+                     lr: float, max_pixels: int, precision: str, manifest,
+                     dtype: torch.dtype = torch.bfloat16) -> "LoraMetadata":  # noqa: F821
     """Write the DDPO LoRA: stage ddpo, the SFT LoRA's layout, the *original* base's fingerprint and
     the SFT LoRA's content hash, so DualLoRAApply checks it belongs on top of that SFT LoRA."""
 
@@ -143,4 +144,4 @@ def export_ddpo_lora(path, transformer, *, layout: str, base_fingerprint: str, s
              "dataset_hash": file_digest(manifest)}
     meta = {"layout": layout, "stage": "ddpo", "base_fingerprint": base_fingerprint,
             "sft_lora": lora_content_hash(sft_path), "rank": rank, "alpha": float(alpha or rank), "train": train}
-    return save_lora(path, transformer, meta, adapter_name=ADAPTER)
+    return save_lora(path, transformer, meta, adapter_name=ADAPTER, dtype=dtype)

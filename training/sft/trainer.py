@@ -30,12 +30,12 @@ from ..checkpoint import (
     save_sharded_checkpoint,
 )
 from ..config import ConfigError, SFTConfig
-from ..data import BucketBatches, load_manifest, write_skipped
+from ..data import BucketBatches, hold_out, load_manifest, write_skipped
 from ..evaluation import sampler_config, validation_grid, validation_loss
 from ..files import cache_dir_for, file_digest
 from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
 from ..lora_io import save_lora
-from ..models import load_model
+from ..models import PRECISIONS, load_model
 from ..quantize import quantize_base
 from ..runtime import MetricsLog, make_accelerator, spread
 
@@ -62,11 +62,16 @@ def read_data(cfg: SFTConfig) -> tuple[list, list, list]:
     skipped: list = []
     common = dict(skip_bad=cfg.data.skip_bad, skipped=skipped, tasks=cfg.data.tasks)
     records = load_manifest(cfg.data.manifest, split=cfg.data.split, **common)
-    try:
-        val_records = load_manifest(cfg.data.manifest, split=cfg.data.val_split, **common) if cfg.data.val_split else []
-    except ValueError as e:  # no held-out samples: train without validation rather than fail
-        log.warning("no validation samples (%s)", str(e).splitlines()[0])
-        val_records = []
+    if cfg.data.val_split == cfg.data.split:  # the default: a held-out slice of the training split
+        records, val_records = hold_out(records, cfg.data.val_count)
+        log.info("validation: %d of the %d %r samples held out of training (data.val_count)",
+                 len(val_records), len(records) + len(val_records), cfg.data.split)
+    else:
+        try:
+            val_records = load_manifest(cfg.data.manifest, split=cfg.data.val_split, **common) if cfg.data.val_split else []
+        except ValueError as e:  # no held-out samples: train without validation rather than fail
+            log.warning("no validation samples (%s)", str(e).splitlines()[0])
+            val_records = []
     task_repeats(cfg, [r.sample.task for r in records])  # a task_repeats typo fails now, not after the cache
     return records, val_records, skipped
 
@@ -78,8 +83,9 @@ def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path, records, va
     datasets = []
     for first in (True, False):  # the main process encodes; the others then only read the cache
         if first == accelerator.is_main_process:
-            for recs in (records, val_records):
-                entries, stats = prepare_cache(recs, bundle, cache, progress=cfg.run.progress and first, **args)
+            for recs, share in ((records, cfg.data.batch_size // accelerator.num_processes), (val_records, None)):
+                entries, stats = prepare_cache(recs, bundle, cache, progress=cfg.run.progress and first, share=share,
+                                               **args)
                 datasets.append(CachedDataset(entries, cache, preload=cfg.data.preload) if entries else None)
                 if first:
                     skipped = skipped + list(stats.failed or [])
@@ -182,7 +188,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     dataset, val_dataset = prepare_data(cfg, bundle, accelerator, run_dir, records, val_records, skipped)
     tasks = [e.record.sample.task for e in dataset.entries]
-    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed, task_repeats(cfg, tasks))
+    batches = BucketBatches(dataset.bucket_keys(), cfg.data.batch_size, cfg.train.seed, task_repeats(cfg, tasks),
+                            processes=world)
+    log.info("data: %s", batches.describe())
 
     # -- model, optimizer, resume ---------------------------------------------------------------
     base_fingerprint = bundle.base_fingerprint()
@@ -330,5 +338,6 @@ def export(cfg: SFTConfig, model: FlowMatchingModel, run_dir: Path, base_fingerp
     lora = model.transformer if weights is None else {k: v for k, v in weights.items() if "lora_" in k}
     save_lora(path, lora, {"layout": cfg.train.layout, "stage": "sft", "base_fingerprint": base_fingerprint,
                            "gates": tuple(gates) if gates else None, "train": train_info,
-                           "rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha or cfg.lora.rank)})
+                           "rank": cfg.lora.rank, "alpha": float(cfg.lora.alpha or cfg.lora.rank)},
+              dtype=PRECISIONS[cfg.lora.save_dtype])
     return path, None

@@ -161,6 +161,7 @@ def pretrain_config(work: Path, world: Path, recipe: dict, progress: bool):
     cfg.model.path = str(work)
     cfg.data.manifest = str(world / "manifest.jsonl")
     cfg.data.batch_size = recipe["base_batch"]
+    cfg.data.val_split = "test"  # the toy world's generated test split, as the base was built (not held-out train)
     cfg.train.mode, cfg.train.max_steps, cfg.train.seed = "full", recipe["base_steps"], recipe["seed"]
     cfg.train.edit_weight = recipe["base_edit_weight"]
     cfg.train.sigma_sampling, cfg.train.sigma_shift = recipe["base_sigma_sampling"], recipe["base_sigma_shift"]
