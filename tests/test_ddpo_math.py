@@ -169,3 +169,31 @@ def test_kl_to_reference_and_full_loss():
     assert new.grad is not None
     _, plain = ddpo_loss(new, old, adv, clip_range=0.5)
     assert "kl_ref" not in plain and plain["loss"] == pytest.approx(policy)
+
+
+def test_ranks_share_one_judge_profiles_limits(tmp_path):
+    """8 processes together keep one profile's rpm and concurrency (each takes its share)."""
+    import json
+
+    from judge.config import load_profiles
+    from training.ddpo.loop import rank_share
+
+    config = tmp_path / "judges.json"
+    config.write_text(json.dumps({"profiles": {"vlm": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                                       "concurrency": 8, "rpm": 500}}}))
+    profile = load_profiles(config)["vlm"]
+    assert rank_share(profile, 8) == {"concurrency": 1, "rpm": 62.5}
+    assert rank_share(profile, 1) == {}  # one process: the profile as written
+    assert rank_share(load_profiles(config)["toy"], 8) == {}  # a programmatic judge has no rate to share
+
+
+def test_the_process_group_timeout_is_the_configs():
+    from datetime import timedelta
+
+    from training.config import load_config
+    from training.ddpo.config import load_ddpo_config
+    from training.runtime import make_accelerator
+
+    assert load_config(None).run.process_group_timeout_min == load_ddpo_config(None).run.process_group_timeout_min == 120
+    accelerator = make_accelerator(timeout_min=load_config(None, ["run.process_group_timeout_min=7"]).run.process_group_timeout_min)
+    assert accelerator.init_handler.timeout == timedelta(minutes=7)

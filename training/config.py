@@ -151,6 +151,8 @@ class RunConfig:
     # also log metrics (and validation grids) to these, in <out_dir>/tracking: tensorboard, wandb (offline:
     # WANDB_MODE=offline). [] (default): metrics.jsonl only.
     trackers: list[str] = field(default_factory=list)
+    # how long a process waits for the others at a collective (torch.distributed's own default is 10)
+    process_group_timeout_min: float = 120.0
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 import logging
 import math
 from pathlib import Path
@@ -16,17 +17,21 @@ log = logging.getLogger(__name__)
 FSDP_BLOCKS = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
 
 
-def make_accelerator(distributed: str = "ddp", trackers=(), run_dir=None):
+def make_accelerator(distributed: str = "ddp", trackers=(), run_dir=None, timeout_min: float = 120.0):
     """The one accelerator construction: the GPU where there is one, DDP across processes, or FSDP2
     (``distributed="fsdp"``) wrapping each Flux block; ``trackers`` (``run.trackers``, checked by
     :func:`training.config.check_trackers`) log into ``<run_dir>/tracking`` (see :class:`MetricsLog`).
 
     bf16 autocast is the jobs' own (FlowMatchingModel.autocast, the DDPO policy), not accelerate's:
     its mixed_precision is process-global state, which would forbid a second in-process run with
-    another precision."""
+    another precision. ``timeout_min`` (``run.process_group_timeout_min``) is how long a process waits
+    for the others at a collective: NCCL's 10-minute default is shorter than one rank's share of a
+    large cache or evaluation."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    kwargs = {"cpu": not torch.cuda.is_available()}
+    kwargs = {"cpu": not torch.cuda.is_available(),
+              "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(minutes=float(timeout_min)))]}
     if trackers:
         kwargs.update(log_with=list(trackers), project_dir=str(tracking_dir(run_dir)))
     if distributed == "fsdp":

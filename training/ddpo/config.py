@@ -116,6 +116,7 @@ class DDPORunConfig:
     eval_every: int = 10  # ODE check on the held-out training tuples (data.val_count); 0: start and end only
     progress: bool = True
     trackers: list[str] = field(default_factory=list)  # as SFT's run.trackers: tensorboard, wandb; []: JSONL only
+    process_group_timeout_min: float = 120.0  # as SFT's: the wait for the other processes at a collective
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from judge.config import load_profiles
 from judge.pool import JudgePool, collect
 from judge.registry import load_judge
 from judge.verdict import QUESTIONS, Unjudged
@@ -95,6 +96,17 @@ def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path, records, s
     return dataset, pool, held_out
 
 
+def rank_share(profile, world: int) -> dict:
+    """This process's share of a judge profile's limits, so that ``world`` processes together keep to
+    the profile's ``rpm`` and ``concurrency`` instead of each sending that much."""
+    if profile is None or world == 1 or profile.kind not in ("openai",):
+        return {}
+    share = {"concurrency": max(1, int(profile.concurrency) // world)}
+    if profile.rpm is not None:
+        share["rpm"] = float(profile.rpm) / world
+    return share
+
+
 def build_policy(cfg: DDPOConfig, bundle):
     """Base + merged SFT LoRA + trainable DDPO LoRA: ``(policy, trainable params, base fingerprint)``."""
     transformer = bundle.transformer
@@ -138,7 +150,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
 
     cfg.validate()
     run_dir = Path(cfg.run.out_dir)
-    accelerator = accelerator or make_accelerator(trackers=cfg.run.trackers, run_dir=run_dir)
+    accelerator = accelerator or make_accelerator(trackers=cfg.run.trackers, run_dir=run_dir,
+                                                  timeout_min=cfg.run.process_group_timeout_min)
     main, world, device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
     if bundle is None:
         bundle = load_model(cfg.model, device=device, precision=cfg.run.precision)
@@ -148,6 +161,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     owns_judge = judge is None  # a judge we load we close (HTTP sessions); a given one stays open
     if judge is None:  # an unknown profile or an unset key fails here too
         overrides = {"mode": cfg.judge.mode} if cfg.judge.mode else {}
+        overrides.update(rank_share(load_profiles(cfg.judge.config).get(cfg.judge.profile), world))
         judge = load_judge(cfg.judge.profile, config=cfg.judge.config, **overrides)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -230,7 +230,7 @@ def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
     from .loop import DDPO_LORA, train_ddpo
 
     check_config(cfg, out)  # before any stage: a typo must not cost a base build or an SFT run
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(timeout_min=cfg.run.process_group_timeout_min)
     main = accelerator.is_main_process
     # The user's SFT LoRA (the run folder keeps a copy, but errors name the user's file).
     user_sft = cfg.lora.sft if cfg.lora.sft and Path(cfg.lora.sft).resolve() != (out / SFT_LORA).resolve() else None

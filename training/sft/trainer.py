@@ -164,7 +164,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
 
     cfg.validate()
     run_dir = Path(cfg.run.out_dir)
-    accelerator = accelerator or make_accelerator(cfg.train.distributed, cfg.run.trackers, run_dir)
+    accelerator = accelerator or make_accelerator(cfg.train.distributed, cfg.run.trackers, run_dir,
+                                                  cfg.run.process_group_timeout_min)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.train.base_quant != "none" and world > 1:
