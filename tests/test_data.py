@@ -254,3 +254,19 @@ def test_validation_holds_out_a_slice_of_the_training_split():
     assert len(held) == 10 and not set(train) & set(held) and sorted(train + held) == records  # at most a tenth
     assert held == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # spread: every task of a sorted manifest
     assert hold_out(records, 5)[1] == [0, 20, 40, 60, 80] and hold_out(records[:9], 32) == (records[:9], [])
+
+
+def test_processes_share_the_encoding_and_each_reads_the_whole_cache(world, bundle, tmp_path):
+    """prepare_cache(part=(rank, processes)): the shares are disjoint and cover what was missing, so
+    after them every process's reading pass is all cache hits (no rank waits on another)."""
+    records = load_manifest(world / "manifest.jsonl", split="train")
+    alone = prepare_cache(records, bundle, EmbeddingCache.for_bundle(tmp_path / "alone", bundle), max_pixels=64 * 64,
+                          batch_size=4, progress=False)[1]
+    cache = EmbeddingCache.for_bundle(tmp_path / "shared", bundle)
+    shares = [prepare_cache(records, bundle, cache, max_pixels=64 * 64, batch_size=4, progress=False,
+                            part=(rank, 2))[1] for rank in range(2)]
+    assert all(s.images_computed > 0 for s in shares)  # both processes worked
+    assert sum(s.images_computed for s in shares) == alone.images_computed  # nothing encoded twice
+    assert sum(s.texts_computed for s in shares) == alone.texts_computed
+    entries, read = prepare_cache(records, bundle, cache, max_pixels=64 * 64, batch_size=4, progress=False)
+    assert read.images_computed == 0 and read.texts_computed == 0 and len(entries) == len(records)

@@ -105,7 +105,7 @@ def _progress(items, desc, enabled):
 
 def prepare_cache(records: list[Record], bundle, cache: EmbeddingCache, *, max_pixels: int,
                   batch_size: int = 16, progress: bool = True, skip_bad: bool = False,
-                  manifest="manifest", share: int | None = None):
+                  manifest="manifest", share: int | None = None, part: tuple[int, int] = (0, 1)):
     """Key every record and encode what the cache lacks. Returns ``(entries, stats)``.
 
     Images are sized by their aspect-ratio bucket (:func:`training.data.assign_buckets`); ``share``
@@ -114,7 +114,16 @@ def prepare_cache(records: list[Record], bundle, cache: EmbeddingCache, *, max_p
 
     A record whose image fails to decode stops the run naming its manifest line, or with ``skip_bad``
     is left out and listed in ``stats.failed`` as ``(line_no, reason)``.
+
+    ``part=(rank, processes)``: encode only this process's share of what is missing (every process
+    keys all records the same way, so the shares cover it once); the processes then meet at a barrier
+    and each reads the whole cache (:func:`encode_shared`).
     """
+    rank, processes = part
+
+    def mine(key: str) -> bool:  # keys are hex digests: an even split that no process's progress changes
+        return processes == 1 or int(key[:8], 16) % processes == rank
+
     multiple, scale = bundle.pixel_multiple, bundle.vae_scale_factor
     stats, entries, failed = CacheStats(), [], []
     readable, dims = [], []
@@ -139,6 +148,8 @@ def prepare_cache(records: list[Record], bundle, cache: EmbeddingCache, *, max_p
         if e.target_key:
             pairs.append((e.target_key, e.record.target, e.target_size))
         for key, path, size in pairs:
+            if not mine(key):
+                continue
             if key in todo or cache.has("latents", key):
                 stats.images_cached += key not in todo
                 continue
@@ -166,6 +177,8 @@ def prepare_cache(records: list[Record], bundle, cache: EmbeddingCache, *, max_p
     entries = [e for e in entries if e.record.line_no not in broken]
     texts = {}
     for e in entries:
+        if not mine(e.text_key):
+            continue
         if e.text_key not in texts and not cache.has("text", e.text_key):
             texts[e.text_key] = e.record.sample.instruction
         elif e.text_key not in texts:
@@ -184,6 +197,21 @@ def prepare_cache(records: list[Record], bundle, cache: EmbeddingCache, *, max_p
                             "Fix the images, or pass --skip-bad (data.skip_bad=true)")
     stats.failed = failed
     return entries, stats
+
+
+def encode_shared(record_sets, bundle, cache: EmbeddingCache, accelerator, *, progress: bool = True, **kwargs):
+    """``prepare_cache`` for each ``(records, share)`` in ``record_sets`` on every process: each process
+    first encodes its share of what the cache lacks, then, after a barrier, reads the whole cache.
+    Returns one ``(entries, stats)`` per set, the same on every process (encoding stats: this process's)."""
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if processes > 1:
+        for records, share in record_sets:
+            # a bad image is reported by the reading pass below, on every process alike, not here on one
+            prepare_cache(records, bundle, cache, progress=progress and accelerator.is_main_process, share=share,
+                          part=(rank, processes), **{**kwargs, "skip_bad": True})
+        accelerator.wait_for_everyone()
+    return [prepare_cache(records, bundle, cache, progress=progress and accelerator.is_main_process and processes == 1,
+                          share=share, **kwargs) for records, share in record_sets]
 
 
 @dataclass

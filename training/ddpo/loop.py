@@ -36,7 +36,7 @@ from judge.registry import load_judge
 from judge.verdict import QUESTIONS, Unjudged
 
 from .. import interrupts
-from ..cache import CachedDataset, EmbeddingCache, prepare_cache
+from ..cache import CachedDataset, EmbeddingCache, encode_shared
 from ..config import ConfigError
 from ..data import load_manifest, write_skipped
 from ..evaluation import sample_images, sampler_config
@@ -78,14 +78,11 @@ def prepare_data(cfg: DDPOConfig, bundle, accelerator, run_dir: Path, records, s
     d = cfg.data
     root = cache_dir_for(d.manifest, d.cache_dir)
     cache = EmbeddingCache.for_bundle(root, bundle)
-    entries = None
-    for first in (True, False):  # the main process encodes; the others then only read the cache
-        if first == accelerator.is_main_process:
-            entries, stats = prepare_cache(records, bundle, cache, max_pixels=d.max_pixels, skip_bad=d.skip_bad,
-                                           progress=cfg.run.progress and first, manifest=d.manifest)
-            if first:
-                write_skipped(run_dir, d.manifest, skipped + list(stats.failed or []))
-        accelerator.wait_for_everyone()
+    # every process encodes its share of what the cache lacks, then all read it (no rank waits on one)
+    ((entries, stats),) = encode_shared([(records, None)], bundle, cache, accelerator, progress=cfg.run.progress,
+                                        max_pixels=d.max_pixels, skip_bad=d.skip_bad, manifest=d.manifest)
+    if accelerator.is_main_process:
+        write_skipped(run_dir, d.manifest, skipped + list(stats.failed or []))
     bundle.release("text_encoder", "text_encoder_2")
     dataset = CachedDataset(entries, cache)
     held_out = spread(len(dataset), d.val_count) if d.val_count else []

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import interrupts
-from ..cache import CachedDataset, EmbeddingCache, prepare_cache
+from ..cache import CachedDataset, EmbeddingCache, encode_shared
 from ..checkpoint import (
     TrainState,
     find_checkpoint,
@@ -81,19 +81,16 @@ def prepare_data(cfg: SFTConfig, bundle, accelerator, run_dir: Path, records, va
     cache = EmbeddingCache.for_bundle(_cache_dir(cfg), bundle)
     args = dict(max_pixels=cfg.data.max_pixels, skip_bad=cfg.data.skip_bad, manifest=cfg.data.manifest)
     datasets = []
-    for first in (True, False):  # the main process encodes; the others then only read the cache
-        if first == accelerator.is_main_process:
-            for recs, share in ((records, cfg.data.batch_size // accelerator.num_processes), (val_records, None)):
-                entries, stats = prepare_cache(recs, bundle, cache, progress=cfg.run.progress and first, share=share,
-                                               **args)
-                datasets.append(CachedDataset(entries, cache, preload=cfg.data.preload) if entries else None)
-                if first:
-                    skipped = skipped + list(stats.failed or [])
-                    log.info("cache %s: images %d cached + %d encoded, texts %d cached + %d encoded", cache.root,
-                             stats.images_cached, stats.images_computed, stats.texts_cached, stats.texts_computed)
-            if first:
-                write_skipped(run_dir, cfg.data.manifest, skipped)
-        accelerator.wait_for_everyone()
+    # every process encodes its share of what the cache lacks, then all read it (no rank waits on one)
+    sets = ((records, cfg.data.batch_size // accelerator.num_processes), (val_records, None))
+    for entries, stats in encode_shared(sets, bundle, cache, accelerator, progress=cfg.run.progress, **args):
+        datasets.append(CachedDataset(entries, cache, preload=cfg.data.preload) if entries else None)
+        skipped = skipped + list(stats.failed or [])
+        if accelerator.is_main_process:
+            log.info("cache %s: images %d cached + %d encoded, texts %d cached + %d encoded", cache.root,
+                     stats.images_cached, stats.images_computed, stats.texts_cached, stats.texts_computed)
+    if accelerator.is_main_process:
+        write_skipped(run_dir, cfg.data.manifest, skipped)
     bundle.release("text_encoder", "text_encoder_2")
     return datasets[0], datasets[1]
 
