@@ -54,6 +54,15 @@ class JudgePool:
         """Judge all, concurrently; one result per request, in order, failures as Unjudged values."""
         return collect([self.submit(r) for r in requests])
 
+    def abort(self) -> None:
+        """Stop the judge now (Ctrl-C, the Stop button): queued work is cancelled, in-flight requests
+        are walked away from; see ``OpenAIJudge.abort``. Judges without it just lose their queue."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        abort = getattr(self.judge, "abort", None)
+        if callable(abort):
+            abort()
+
     def close(self, close_judge: bool = False) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
