@@ -18,7 +18,7 @@ _YES_NO = re.compile(r"^(yes|no)(?![a-z0-9'\-])")
 _JOINED = r"^{first}\s*(?:(?:and|or|but)\s+|[/&]\s*)(?:maybe\s+)?{other}\b"
 _CORRECTED = (r"\b(?:actually|wait|rather|correction|i mean|on second thought|on reflection|on closer inspection"
               r"|scratch that|make that|instead|sorry|hmm+)\W+(?:\w+\W+)?{other}\b")
-_ALONE = r"\b{other}\b[\s\"'*\u2019\u201d)]*(?:[.!?,;:\u2026-]|$)"
+_ALONE = r"\b{other}\b[\s\"'*\u2019\u201d)]*(?:[.!?,;:\u2026\u2014]|$)"
 _HEDGES = {
     first: re.compile("|".join(p.format(first=first, other=other) for p in (_JOINED, _CORRECTED, _ALONE)))
     for first, other in (("yes", "no"), ("no", "yes"))

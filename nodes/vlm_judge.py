@@ -100,7 +100,7 @@ def _pool_for(profile: str) -> JudgePool:
             cached = _JUDGES.get(profile)
             # A judge stopped by the server (bad key, unknown model) or by the Stop button is rebuilt:
             # the next queue run tries again.
-            if cached is not None and cached[0] == signature and getattr(cached[1], "usable", True):
+            if cached is not None and cached[0] == signature and cached[2].usable:
                 return cached[2]
             judge = load_judge(profile, config_dir=_config_dir())
         except ProfileError as e:

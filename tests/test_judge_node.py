@@ -119,6 +119,10 @@ def test_stop_button_interrupts_a_slow_judge(node_module, tmp_path, monkeypatch)
         with pytest.raises(mm.InterruptProcessingException):
             node_module.VLMJudge.execute(batch([0, 1, 2, 3]), batch([1]), batch([2]), "x", "loop")
         assert time.monotonic() - start < 1.2  # did not wait for twelve 1.5 s answers
+        mm.interrupt_current_processing(False)
+        server.script = truth_script  # the next run builds a fresh judge (the stopped one walked away)
+        out = node_module.VLMJudge.execute(batch([1]), batch([1]), batch([2]), "x", "loop")
+        assert out.result[0] == pytest.approx([1.0])
     finally:
         mm.interrupt_current_processing(False)
         timer.cancel()

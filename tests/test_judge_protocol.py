@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
     # ... while "no" as a word inside a yes stays a yes
     ("Yes, no artifacts are visible.", True), ("Yes, there is no visible seam.", True), ("Yes (no blur)", True),
     ("Yes, and no elements are lost.", True), ("No, it does not; answering yes would be wrong", False),
-    ("Yes, the image is actually quite realistic, no seams.", True),
+    ("Yes, the image is actually quite realistic, no seams.", True), ("Yes, no-one would notice.", True),
 ])
 def test_yes_no_must_open_the_reply(text, expected):
     assert parse_yes_no(text) is expected
