@@ -281,6 +281,7 @@ def test_hostile_headers_get_a_refusal_naming_the_file(nodes_, pack, tmp_path):
         assert "keys like )" not in str(err.value)
         with pytest.raises(meta.LoraFileError, match=rf"{path.name}'?: .*{reason}"):
             apply(nodes_, model, sft=path.name, s=0.0)  # even unused, a selected file is read and refused
+    files["big"][0].unlink()  # 136 MB: pytest keeps the last runs' folders
 
 
 def test_node_schema_lists_loras_and_documents_every_socket(comfy_model, nodes_):

@@ -162,7 +162,8 @@ def test_hostile_headers_are_refused_naming_the_file(tmp_path):
     and an empty "keys like " for a 130 MB metadata header)."""
     from training.model_files import ModelFileError, read_header
 
-    for name, (path, reason) in hostile_headers(tmp_path).items():
+    files = hostile_headers(tmp_path)
+    for name, (path, reason) in files.items():
         readers = [load_lora] + ([lora_content_hash] if name != "empty" else [])  # the trainer's and DDPO's
         for read in readers:
             with pytest.raises(LoraFileError, match=rf"{path.name}'?: .*{reason}") as err:
@@ -176,6 +177,7 @@ def test_hostile_headers_are_refused_naming_the_file(tmp_path):
     save_file({"a.lora_A.weight": torch.zeros(2, 2)}, ok, metadata={"note": '[[[[[[[[[[ \\" {{{{{{{{{{'})
     entries, meta, _ = read_safetensors_header(ok)
     assert list(entries) == ["a.lora_A.weight"] and meta["note"].startswith("[[[[")
+    files["big"][0].unlink()  # 136 MB: pytest keeps the last runs' folders
 
 
 def test_fingerprint_survives_precision_and_sees_other_weights():
