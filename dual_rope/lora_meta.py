@@ -195,37 +195,100 @@ def read_dualref_metadata(header: Mapping[str, str] | None) -> LoraMetadata | No
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 _RESEND = "export it again (training.lora_io.save_lora) or copy the whole file again"
+# Bounds on what a header may be before it is parsed (a hostile file must get a refusal, not a
+# RecursionError or minutes of parsing). safetensors itself refuses headers over 100 MB (its
+# MAX_HEADER_SIZE), so nothing it can load is refused here. A valid header nests 3 levels (the
+# object, a tensor's entry, its shape list); 8 leaves room, and json.loads never sees deep input.
+MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER_DEPTH = 8  # refused when deeper than this; a header that passes nests at most twice this
+
+
+def _nesting_problem(raw: bytes) -> str | None:
+    """Why ``raw`` must not reach ``json.loads`` (nested too deep, brackets that do not pair), or None.
+
+    The brackets outside strings are kept, then innermost ``[]`` and ``{}`` pairs removed (C-speed
+    ``bytes.replace``), which lowers the depth by one or two per pass: a header that nests at most
+    ``MAX_HEADER_DEPTH`` levels is empty within that many passes, one left non-empty nests deeper.
+    Linear in the header's size whatever it holds (about a second for 100 MB).
+    """
+    skeleton = _brackets_outside_strings(raw)
+    for _ in range(MAX_HEADER_DEPTH):
+        if not skeleton:
+            return None
+        reduced = skeleton.replace(b"[]", b"").replace(b"{}", b"")
+        if reduced == skeleton:
+            return "its safetensors header is not valid JSON (brackets do not pair up; corrupt file)"
+        skeleton = reduced
+    if skeleton:
+        return (f"its safetensors header nests more than {MAX_HEADER_DEPTH} levels deep (a safetensors header "
+                "has 3): a corrupt or hostile file, refused unread")
+    return None
+
+
+def _brackets_outside_strings(raw: bytes, chunk: int = 1 << 24) -> bytes:
+    import numpy as np  # vectorised: a per-byte Python loop would take minutes on a 100 MB header
+
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")  # escapes hold no bracket or quote then
+    bracket = np.zeros(256, bool)
+    bracket[list(b"[]{}")] = True
+    kept, quotes = [], 0
+    for lo in range(0, len(unescaped), chunk):  # in chunks: a few times 16 MB of memory at most
+        data = np.frombuffer(unescaped, np.uint8, count=min(chunk, len(unescaped) - lo), offset=lo)
+        parity = (np.cumsum(data == ord('"'), dtype=np.uint8) + quotes) & 1  # uint8 wraps, parity survives
+        kept.append(data[bracket[data] & (parity == 0)].tobytes())
+        quotes = int(parity[-1])
+    return b"".join(kept)
+
+
+def _short(name, limit: int = 80) -> str:
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_safetensors_header(path: Path, fail: Callable[[str], Exception]) -> tuple[dict[str, dict], dict[str, str], int]:
     """``(tensor entries, __metadata__, data start)`` of an existing safetensors file, checked for
     truncation and corruption without reading the tensors. ``fail(reason)`` makes the caller's
-    exception (its type and its fix), so LoRA files and model files share one check."""
+    exception (its type and its fix), so LoRA files and model files share one check.
+
+    Hostile headers are refused before they are parsed: more than :data:`MAX_HEADER_BYTES`, or
+    nested deeper than :data:`MAX_HEADER_DEPTH`.
+    """
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise fail(f"only {size} bytes, not a safetensors file")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, 200 << 20):
+        if length > MAX_HEADER_BYTES:
+            raise fail(f"its safetensors header claims {length / 1e6:.0f} MB, over the {MAX_HEADER_BYTES // 1_000_000} MB "
+                       "that safetensors allows: not a safetensors file, or a corrupt or hostile one")
+        if length > size - 8:
             raise fail("not a safetensors file, or its header is cut off")
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise fail("its safetensors header is not valid JSON (corrupt file)") from None
+        raw = fh.read(length)
+    problem = _nesting_problem(raw)
+    if problem:
+        raise fail(problem)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise fail("its safetensors header is not valid JSON (corrupt file)") from None
+    except RecursionError:  # belt and braces: _nesting_problem refuses these first
+        raise fail("its safetensors header nests too deeply (a corrupt or hostile file)") from None
     if not isinstance(header, dict):
         raise fail("its safetensors header is not a JSON object (corrupt file)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("its safetensors __metadata__ is not an object of strings (corrupt file)")
     start, end = 8 + length, 8 + length
     for name, entry in header.items():
         try:
             lo, hi = (int(x) for x in entry["data_offsets"])
             count = math.prod(int(x) for x in entry["shape"])
             item = _DTYPE_BYTES.get(entry["dtype"])  # unknown (exotic) dtypes: offsets only
-        except (KeyError, TypeError, ValueError):
-            raise fail(f"tensor {name!r} has a malformed header entry (corrupt file)") from None
-        if hi < lo or (item is not None and hi - lo != count * item):
-            raise fail(f"tensor {name!r} has inconsistent offsets (corrupt file)")
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise fail(f"tensor {_short(name)} has a malformed header entry (corrupt file)") from None
+        if lo < 0 or hi < lo or (item is not None and hi - lo != count * item):
+            raise fail(f"tensor {_short(name)} has inconsistent offsets (corrupt file)")
         end = max(end, start + hi)
     if end > size:
         raise fail(f"truncated: its header needs {end} bytes, the file has {size}")
@@ -243,6 +306,8 @@ def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str], int]
 def lora_modules(keys, path="<state dict>") -> list[str]:
     """Module names (diffusers naming) of a DualRef/diffusers Flux LoRA; clear error for anything else."""
     keys = list(keys)
+    if not keys:
+        raise LoraFileError(path, "it holds no tensors (an empty or corrupt file)", _RESEND)
     modules, parts, foreign = {}, {}, []
     for key in keys:
         m = _LORA_KEY.match(key)
@@ -262,7 +327,7 @@ def lora_modules(keys, path="<state dict>") -> list[str]:
 
 
 def _describe_foreign(keys) -> str:
-    sample = ", ".join(repr(k) for k in list(keys)[:3])
+    sample = ", ".join(_short(k) for k in list(keys)[:3])
     joined = " ".join(keys[:200])
     if re.search(r"lora_unet_(down|up|mid|input|output)_blocks|lora_te\d?_|model\.diffusion_model\.(input|output)_blocks"
                  r"|unet\.(down|up)_blocks", joined):

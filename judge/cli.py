@@ -24,22 +24,45 @@ from .images import to_pil
 from .pool import JudgePool
 from .registry import load_judge
 from .results import VerdictLog, summarize, write_json_atomic
-from .verdict import JudgeRequest, Unjudged
+from .verdict import JudgeRequest, JudgeStopped, Unjudged
 
 log = logging.getLogger("judge.cli")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+MAX_LISTED_ERRORS = 50  # a manifest of the wrong kind would otherwise print every one of its lines
+
+
 def read_manifest(path: Path, split: str | None):
+    """The samples of ``split``; every bad line is listed in one error, duplicate ids are warned
+    about (the first line of an id is judged, the others skipped)."""
     from .manifest import parse_line  # headless only; ComfyUI never imports this CLI
 
-    samples = []
+    samples, errors, first_line = [], [], {}
+    duplicates: dict[str, list[int]] = {}
     with open(path) as fh:
         for line_no, line in enumerate(fh, 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 sample = parse_line(line, path, line_no)
-                if split is None or sample.split == split:
-                    samples.append(sample)
+            except ValueError as e:
+                errors.append(str(e))
+                continue
+            if sample.id in first_line:
+                duplicates.setdefault(sample.id, [first_line[sample.id]]).append(line_no)
+                continue
+            first_line[sample.id] = line_no
+            if split is None or sample.split == split:
+                samples.append(sample)
+    if errors:
+        shown = errors[:MAX_LISTED_ERRORS]
+        more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+        raise ValueError(f"{path}: {len(errors)} bad line(s); fix them and run again:\n  " + "\n  ".join(shown) + more)
+    if duplicates:
+        listed = "; ".join(f"{i!r} on lines {', '.join(map(str, lines))}" for i, lines in list(duplicates.items())[:20])
+        log.warning("%s: %d sample id(s) appear more than once (%s%s); each id is judged once, from its first line",
+                    path, len(duplicates), listed, "; ..." if len(duplicates) > 20 else "")
     return samples
 
 
@@ -118,7 +141,7 @@ def run(args) -> dict:
     base = {"profile": name, "judge": judge.name, "mode": mode}
     started = time.monotonic()
     try:
-        _judge_all(todo, manifest.parent, index, submit, verdict_log, base, window, not args.quiet)
+        _judge_all(todo, manifest.parent, index, submit, verdict_log, base, window, not args.quiet, abort=pool.abort)
     finally:
         pool.close()
         accounting = getattr(judge, "accounting", None)
@@ -145,7 +168,7 @@ class _NoBar:  # without tqdm (it comes with the train extra) the run is the sam
         pass
 
 
-def _judge_all(todo, manifest_dir, index, submit, verdict_log, base, window, progress=True):
+def _judge_all(todo, manifest_dir, index, submit, verdict_log, base, window, progress=True, abort=None):
     try:
         from tqdm import tqdm
     except ImportError:
@@ -173,30 +196,47 @@ def _judge_all(todo, manifest_dir, index, submit, verdict_log, base, window, pro
                 _drain(pending, verdict_log, base, bar, FIRST_COMPLETED)
         while pending:
             _drain(pending, verdict_log, base, bar, FIRST_COMPLETED)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, JudgeStopped) as stop:
+        # Ctrl-C: walk away from in-flight requests at once. A refused profile: nothing more is sent.
         for future in pending:
             future.cancel()
-        log.warning("interrupted: %d samples in flight were not recorded; rerun the same command to resume", len(pending))
+        if isinstance(stop, KeyboardInterrupt) and abort is not None:
+            abort()
+        _drain(pending, verdict_log, base, bar, None)  # keep what already came back
+        if isinstance(stop, KeyboardInterrupt):
+            log.warning("interrupted: %d samples in flight were not recorded; rerun the same command to resume",
+                        len(pending))
         raise
     finally:
         bar.close()
 
 
 def _drain(pending, verdict_log, base, bar, how):
-    done, _ = wait(list(pending), return_when=how)
+    """Record finished samples: those ``wait`` returns (``how``), or with ``how=None`` those already
+    done. A JudgeStopped answer is not recorded (the sample was not judged; a rerun does it) but
+    raised once the others are recorded."""
+    done = [f for f in pending if f.done()] if how is None else wait(list(pending), return_when=how)[0]
+    stopped = None
     for future in done:
+        if future.cancelled():
+            continue
         sample, output = pending.pop(future)
         record = {**base, "id": sample.id, "task": sample.task, "output": output}
         try:
             result = future.result()
             key = "score" if base["mode"] == "score" else "verdict"
             record.update(status="judged", **{key: result.to_dict()})
+        except JudgeStopped as failure:
+            stopped = stopped or failure
+            continue
         except Unjudged as failure:
             record.update(status="unjudged", reason=failure.reason)
         except ValueError as e:  # the judge refused this sample's input (e.g. the toy judge without a plan)
             record.update(status="bad_input", reason=str(e))
         verdict_log.append(record)
         bar.update(1)
+    if stopped is not None and how is not None:
+        raise stopped
 
 
 def main(argv=None) -> int:
@@ -207,7 +247,12 @@ def main(argv=None) -> int:
     except ValueError as e:  # ProfileError, ManifestError, a bad mapping file: the message names the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JudgeStopped as e:  # a rejected key, an unknown model: every further request would fail too
+        print(f"error: the judge stopped after the server refused the profile: {e.reason}. Nothing more was "
+              "sent; fix the profile and rerun the same command to judge the rest", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print("interrupted: summary.json holds what was judged; rerun the same command to resume", file=sys.stderr)
         return 130
     if summary:
         overall = summary["overall"]

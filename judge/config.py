@@ -34,6 +34,60 @@ CACHE_ENV = "DUALREF_JUDGE_CACHE"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_FIELDS = ("api_key", "key", "token", "authorization", "headers", "password", "secret")
+# Field names that carry credentials, compared lowercased without separators ("x-api-key" -> "xapikey").
+_CREDENTIAL_NAMES = {"key", "token", "auth", "authorization", "bearer", "cookie", "password", "passwd", "secret",
+                     "credential", "credentials", "headers", "extraheaders", "defaultheaders"}
+_CREDENTIAL_ENDINGS = ("apikey", "secret", "secretkey", "privatekey", "password", "accesstoken", "authtoken",
+                       "bearertoken", "idtoken", "refreshtoken", "sessiontoken", "apitoken", "credential", "credentials",
+                       "authorization")
+# Values that look like credentials: well-known key shapes, a bearer header, or a long run of
+# letters and digits (a random token; model names and words are broken up by -, /, . or spaces).
+_CREDENTIAL_VALUE = re.compile(
+    r"(?i:^\s*(?:bearer|basic)\s+\S)"
+    r"|\b(?:sk|pk|rk)[-_][A-Za-z0-9_-]{8,}|\bsk-ant-|\bhf_[A-Za-z0-9]{16,}|\bAIza[0-9A-Za-z_-]{16,}"
+    r"|\b(?:ghp|gho|ghs|ghu|ghr)_[A-Za-z0-9]{16,}|\bgithub_pat_|\bglpat-|\bxox[abprs]-|\bAKIA[0-9A-Z]{16}\b|\bya29\."
+    r"|\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}"  # a JWT
+    r"|(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{32,}",
+)  # case-sensitive: keys are "sk-...", a variable may well be called SK_SERVICE_KEY
+
+
+def looks_like_credential(value: str) -> bool:
+    """True for a string shaped like an API key or token (never printed by the checks that use it)."""
+    return isinstance(value, str) and bool(_CREDENTIAL_VALUE.search(value))
+
+
+def _credential_name(name) -> bool:
+    flat = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    return flat in _CREDENTIAL_NAMES or flat.endswith(_CREDENTIAL_ENDINGS)
+
+
+def _credential_path(value, path: str = "extra_body") -> str | None:
+    """Where in a (nested) extra_body a credential-looking field name or value sits, or None."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            where = f"{path}.{name}" if not looks_like_credential(str(name)) else f"{path}.<a key-like field name>"
+            if _credential_name(name) or looks_like_credential(str(name)):
+                return where
+            found = _credential_path(item, where)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _credential_path(item, f"{path}[{i}]")
+            if found:
+                return found
+    elif looks_like_credential(value):
+        return path
+    return None
+
+
+def _key_like_variable(name: str) -> bool:
+    """A valid variable name that is really a key: a known key shape, or a segment (between
+    underscores) of 20+ letters and digits mixed ("hf_AbC123...", "AKIA..." ids)."""
+    if looks_like_credential(name):
+        return True
+    return any(len(part) >= 20 and re.search(r"[0-9]", part) and re.search(r"[A-Za-z]", part)
+               for part in name.split("_"))
 
 
 class ProfileError(ValueError):
@@ -119,10 +173,12 @@ class Profile:
             raise ProfileError(f"{where}: unknown kind {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.mode not in JUDGE_MODES:
             raise ProfileError(f"{where}: unknown mode {self.mode!r}; use binary or probability")
-        if self.api_key_env is not None and not _ENV_NAME.match(str(self.api_key_env)):
+        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not _ENV_NAME.match(self.api_key_env)
+                                             or _key_like_variable(self.api_key_env)):
+            # Never echo the value: it may be the key itself, pasted in the wrong place.
             raise ProfileError(
                 f"{where}: api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY), "
-                "not the key itself"
+                "not the key itself; the value given is not shown (it may be a key: if so, revoke it)"
             )
         if self.token_param not in ("max_tokens", "max_completion_tokens"):
             raise ProfileError(f"{where}: token_param must be max_tokens or max_completion_tokens")
@@ -132,8 +188,13 @@ class Profile:
             raise ProfileError(f"{where}: concurrency must be >= 1 and rpm > 0 (or null for no limit)")
         if not 0 <= int(self.top_logprobs) <= 20:
             raise ProfileError(f"{where}: top_logprobs must be within 0-20")
-        if not isinstance(self.extra_body, dict) or any(k.lower() in _SECRET_FIELDS for k in self.extra_body):
+        if not isinstance(self.extra_body, dict):
             raise ProfileError(f"{where}: extra_body must be an object without credentials")
+        found = _credential_path(self.extra_body)
+        if found:  # named by its place, never by its value
+            raise ProfileError(
+                f"{where}: extra_body must be an object without credentials; {found} looks like one (its value is "
+                "not shown). Keys go in an environment variable named by api_key_env")
         if self.kind == "openai":
             self._check_url(where)
         if self.kind == "ensemble" and not self.members:
@@ -208,7 +269,8 @@ def _profile_from(name: str, raw: dict, source: str) -> Profile:
                 "put the key in an environment variable and name it in api_key_env"
             )
         if key not in fields:
-            raise ProfileError(f"judge profile {name!r} ({source}): unknown field {key!r}; known: {', '.join(sorted(fields))}")
+            shown = "(a key-like name, not shown)" if looks_like_credential(key) else repr(key)
+            raise ProfileError(f"judge profile {name!r} ({source}): unknown field {shown}; known: {', '.join(sorted(fields))}")
     raw = dict(raw)
     if "members" in raw:
         raw["members"] = tuple(raw["members"])

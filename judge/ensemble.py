@@ -15,7 +15,7 @@ from typing import Sequence
 from .accounting import gather
 from .base import Judge
 from .pool import JudgePool, collect, settled
-from .verdict import QUESTIONS, JudgeRequest, Unjudged, Verdict
+from .verdict import QUESTIONS, JudgeRequest, JudgeStopped, Unjudged, Verdict
 
 
 @dataclass
@@ -62,6 +62,14 @@ class EnsembleJudge(Judge):
         for pool in self._pools.values():
             pool.close(close_judge=True)
 
+    def abort(self) -> None:
+        for pool in self._pools.values():
+            pool.abort()
+
+    @property
+    def usable(self) -> bool:
+        return all(getattr(j, "usable", True) for j in self.members.values())
+
     def _combine(self, request: JudgeRequest, results: list) -> EnsembleVerdict:
         verdicts, failures = {}, {}
         for name, result in zip(self.members, results):
@@ -73,6 +81,9 @@ class EnsembleJudge(Judge):
                 raise result
         if len(verdicts) < self.min_members:
             why = "; ".join(f"{n}: {r}" for n, r in failures.items())
+            stopped = [n for n, r in zip(self.members, results) if isinstance(r, JudgeStopped)]
+            if len(self.members) - len(stopped) < self.min_members:  # no later request can reach min_members
+                raise JudgeStopped(f"ensemble members {', '.join(stopped)} stopped: {why}", request.sample_id)
             raise Unjudged(f"{len(verdicts)}/{len(self.members)} ensemble members answered "
                            f"(need {self.min_members}): {why}", request.sample_id)
         members = list(verdicts.values())

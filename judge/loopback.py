@@ -74,6 +74,7 @@ class ChatCall:
     index: int
     payload: dict
     auth: str | None  # the Authorization header as received (kept in memory only)
+    path: str = ""  # the request path, e.g. /v1/chat/completions
 
     @property
     def messages(self) -> list:
@@ -213,7 +214,7 @@ class ScriptedChatServer:
 
     def _record(self, payload: dict, auth: str | None, path: str) -> ChatCall:
         with self._lock:
-            call = ChatCall(self.count, payload, auth)
+            call = ChatCall(self.count, payload, auth, path)
             self.count += 1
             if self.keep_calls:
                 self.calls.append(call)

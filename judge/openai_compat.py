@@ -25,7 +25,7 @@ from .images import DATA_URLS, fit, image_hash, to_pil
 from .pool import collect
 from .parsing import parse_score_pair, parse_yes_no, yes_probability
 from .transport import ChatTransport, attachment, redact
-from .verdict import QUESTIONS, JudgeRequest, Unjudged, Verdict
+from .verdict import QUESTIONS, JudgeRequest, JudgeStopped, Unjudged, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,34 @@ class OpenAIJudge(Judge):
 
     # --- public API -----------------------------------------------------------------------
 
+    @property
+    def stopped(self) -> JudgeStopped | None:
+        """Why this profile cannot judge (a refused key, an unknown model, ...): nothing more is sent."""
+        return self.transport.stopped
+
+    @property
+    def usable(self) -> bool:
+        """False once stopped or aborted: build a new judge to try again."""
+        return self.transport.stopped is None and not self.transport.aborted
+
+    def abort(self) -> None:
+        """Stop now (Ctrl-C, the Stop button): queued questions are cancelled, waits and in-flight
+        requests end within a fraction of a second, later submissions fail. Then ``close()``."""
+        self.transport.abort()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _refuse(self, request: JudgeRequest) -> Future | None:
+        if self.transport.stopped is not None:
+            return _failed(self.transport.stopped.for_sample(request.sample_id))
+        if self.transport.aborted:
+            return _failed(Unjudged("interrupted before it was judged", request.sample_id))
+        return None
+
     def submit(self, request: JudgeRequest) -> "Future[Verdict]":
         """Start judging; the future gives a Verdict or raises Unjudged. Never blocks."""
+        refused = self._refuse(request)
+        if refused is not None:
+            return self._counted(refused)
         if request.reference2 is None:
             return _failed(Unjudged("the three-question protocol needs two references; use score mode for single-reference edits", request.sample_id))
         try:
@@ -116,6 +142,9 @@ class OpenAIJudge(Judge):
 
     def submit_score(self, request: JudgeRequest) -> "Future[EditScore]":
         """The 0-10 GEdit-Bench/VIEScore-style score of a single-reference edit (reference2 unused)."""
+        refused = self._refuse(request)
+        if refused is not None:
+            return self._counted(refused)
         try:
             images = _Images([request.reference1, request.output], self.profile.image_max_side)
         except ValueError as e:
@@ -144,6 +173,7 @@ class OpenAIJudge(Judge):
         if not self._closed:
             self._closed = True
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self.transport.close()
 
     # --- one question -------------------------------------------------------------------------
 
@@ -162,6 +192,8 @@ class OpenAIJudge(Judge):
         probability = self.mode == "probability"
 
         def interpret(choice, text):
+            if choice is None:  # a cached answer: still an answer under today's parser?
+                return None, "", parse_yes_no(text) is None
             answer = parse_yes_no(text)
             if answer is None:
                 return None, "", True  # unparseable: ask again
@@ -184,6 +216,8 @@ class OpenAIJudge(Judge):
         content.append({"type": "text", "text": prompts.score_question_text(aspect, request.instruction)})
 
         def interpret(choice, text):
+            if choice is None:
+                return None, "", parse_score_pair(text) is None
             pair = parse_score_pair(text)
             return pair, "", pair is None
 
@@ -194,15 +228,17 @@ class OpenAIJudge(Judge):
         try:
             return self._ask_once(images, request, question, mode, system, content, reask, interpret, logprobs)
         except Unjudged as failure:  # name the sample (transport errors only know the question)
-            raise Unjudged(failure.reason, request.sample_id) from None
+            raise failure.for_sample(request.sample_id) from None
 
     def _ask_once(self, images, request, question, mode, system, content, reask, interpret, logprobs) -> _Answer:
         key = self._key(images, request.instruction, question, mode)
         if self.cache is not None:
             entry = self.cache.get(key)
-            if entry is not None and "value" in entry:
+            text = self.transport.scrub(entry.get("text", "")) if isinstance(entry, dict) else ""
+            # An entry whose text today's parser no longer reads (a hedge kept by an older version) is a miss.
+            if entry is not None and "value" in entry and not interpret(None, text)[2]:
                 self.accounting.add(cache_hits=1)
-                return _Answer(entry["value"], entry.get("text", ""), True, {}, entry.get("note", ""))
+                return _Answer(entry["value"], text, True, {}, entry.get("note", ""))
         urls = images.data_urls()
         slots = iter(range(len(urls)))
         filled = [part if part is not None else {"type": "image_url", "image_url": {"url": attachment(next(slots))}}
@@ -224,7 +260,8 @@ class OpenAIJudge(Judge):
             spent["completion_tokens"] += completion_tokens
             self.accounting.add(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
             choice = body["choices"][0]
-            text = _message_text(choice.get("message") or {}) or ""
+            # Nothing the server says is stored or shown with the key in it (a server may echo it).
+            text = self.transport.scrub(_message_text(choice.get("message") or {}) or "")
             value, note, reask_needed = interpret(choice, text)
             if value is not None:
                 if self.cache is not None:

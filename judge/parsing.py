@@ -10,18 +10,32 @@ _THINK = re.compile(r"^\s*<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _LEADING_JUNK = re.compile(r"^[\s" + re.escape(string.punctuation) + r"\u2018\u2019\u201c\u201d]+")
 # "yes"/"no" as a whole first word: "Yes, because..." and "NO." parse; "Nope", "No-one", "Yesterday" do not.
 _YES_NO = re.compile(r"^(yes|no)(?![a-z0-9'\-])")
+# Hedges: a reply that opens with one answer and also gives the other is no answer at all.
+#  - "Yes and no", "yes or no", "Yes/No", "No but yes": the other word joined to the first;
+#  - "No. Wait, actually yes.", "Yes. On second thought, no": the other word after a correction;
+#  - "Yes, ... no." : the other word standing alone (followed by punctuation or the end), which
+#    keeps "Yes, no artifacts are visible" (a determiner) a yes.
+_JOINED = r"^{first}\s*(?:(?:and|or|but)\s+|[/&]\s*)(?:maybe\s+)?{other}\b"
+_CORRECTED = (r"\b(?:actually|wait|rather|correction|i mean|on second thought|on reflection|on closer inspection"
+              r"|scratch that|make that|instead|sorry|hmm+)\W+(?:\w+\W+)?{other}\b")
+_ALONE = r"\b{other}\b[\s\"'*\u2019\u201d)]*(?:[.!?,;:\u2026\u2014]|$)"
+_HEDGES = {
+    first: re.compile("|".join(p.format(first=first, other=other) for p in (_JOINED, _CORRECTED, _ALONE)))
+    for first, other in (("yes", "no"), ("no", "yes"))
+}
 # What byte-level / sentencepiece tokenizers put in front of a word.
 _TOKEN_MARKS = "\u2581\u0120"
 
 
 def parse_yes_no(text: str | None) -> bool | None:
-    """True for a reply that begins with "yes", False for "no", None for anything else."""
+    """True for a reply that begins with "yes", False for "no", None for anything else, hedges
+    ("Yes and no", "No. Wait, actually yes.") included."""
     if not isinstance(text, str):
         return None
     text = _THINK.sub("", text)  # reasoning models served by vLLM/Ollama may prefix their thoughts
     text = _LEADING_JUNK.sub("", text).lower()
     match = _YES_NO.match(text)
-    if match is None:
+    if match is None or _HEDGES[match.group(1)].search(text):
         return None
     return match.group(1) == "yes"
 

@@ -39,6 +39,7 @@ class JudgePool:
     def __init__(self, judge: Judge, workers: int | None = None):
         self.judge = judge
         self._native = callable(getattr(judge, "submit", None))
+        self._aborted = False
         self._executor = None
         if not self._native:
             size = workers or getattr(getattr(judge, "profile", None), "concurrency", None) or 2
@@ -53,6 +54,21 @@ class JudgePool:
     def map(self, requests: Sequence[JudgeRequest]) -> list[Verdict | Unjudged]:
         """Judge all, concurrently; one result per request, in order, failures as Unjudged values."""
         return collect([self.submit(r) for r in requests])
+
+    def abort(self) -> None:
+        """Stop the judge now (Ctrl-C, the Stop button): queued work is cancelled, in-flight requests
+        are walked away from; see ``OpenAIJudge.abort``. Judges without it just lose their queue."""
+        self._aborted = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        abort = getattr(self.judge, "abort", None)
+        if callable(abort):
+            abort()
+
+    @property
+    def usable(self) -> bool:
+        """False after ``abort()`` or once the judge stopped (a refused key...): build a new one."""
+        return not self._aborted and getattr(self.judge, "usable", True)
 
     def close(self, close_judge: bool = False) -> None:
         if self._executor is not None:

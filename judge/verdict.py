@@ -4,6 +4,7 @@ Kept free of heavy imports: training, the benchmark and the ComfyUI node all sha
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,19 @@ class Unjudged(Exception):
         super().__init__(reason if sample_id is None else f"{sample_id}: {reason}")
         self.reason = reason
         self.sample_id = sample_id
+
+    def for_sample(self, sample_id: str | None) -> "Unjudged":
+        """The same failure (same class) naming ``sample_id``."""
+        other = copy.copy(self)
+        other.sample_id = sample_id
+        other.args = (self.reason if sample_id is None else f"{sample_id}: {self.reason}",)
+        return other
+
+
+class JudgeStopped(Unjudged):
+    """The server refused the profile itself: a rejected key (401/403), no credit (402), an unknown
+    model or endpoint (404), a redirect to another host. No request with this profile can succeed,
+    so the judge sends no more of them; callers stop (the CLI exits 2 with ``reason``)."""
 
 
 @dataclass

@@ -98,7 +98,9 @@ def _pool_for(profile: str) -> JudgePool:
         try:
             signature = _config_signature()
             cached = _JUDGES.get(profile)
-            if cached is not None and cached[0] == signature:
+            # A judge stopped by the server (bad key, unknown model) or by the Stop button is rebuilt:
+            # the next queue run tries again.
+            if cached is not None and cached[0] == signature and cached[2].usable:
                 return cached[2]
             judge = load_judge(profile, config_dir=_config_dir())
         except ProfileError as e:
@@ -141,6 +143,8 @@ def _judge_batch(pool: JudgePool, requests: list[JudgeRequest]) -> list:
     except BaseException:
         for future in pending:
             future.cancel()
+        if pending:  # the Stop button: walk away from in-flight requests too (the judge is rebuilt next run)
+            pool.abort()
         raise
     return results
 

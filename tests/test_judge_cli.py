@@ -1,9 +1,11 @@
 """``python -m judge`` on a manifest against a loopback server: resumable results, summary, and no key anywhere."""
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -143,7 +145,6 @@ def test_the_key_is_sent_but_never_written_or_logged(tmp_path, dataset, caplog, 
     caplog.set_level(logging.DEBUG)  # everything, urllib3 included
     truth_server = TruthServer()
     # a server that echoes the key in an error body, as OpenAI does for a bad key
-    truth_server.failing[(index_of("a1"), "realism")] = Reply.error(401, f"Incorrect API key provided: {key}.")
     truth_server.failing[(index_of("a2"), "fidelity")] = Reply.error(400, f"bad request from {key}")
     with truth_server.server as server:
         cfg = config(tmp_path, server, key_env="DUALREF_CANARY_KEY")
@@ -151,6 +152,10 @@ def test_the_key_is_sent_but_never_written_or_logged(tmp_path, dataset, caplog, 
                 "--out", str(tmp_path / "res"), "-v"]
         assert main(argv) == 0
         assert main(argv + ["--list-profiles"]) == 0
+        # a bad key: the run stops (exit 2) with the server's reason, redacted
+        truth_server.failing[(index_of("a1"), "realism")] = Reply.error(401, f"Incorrect API key provided: {key}.")
+        cfg2 = config(tmp_path, server, key_env="DUALREF_CANARY_KEY", cache_dir=str(tmp_path / "cache2"))
+        assert main(argv[:2] + ["--config", str(cfg2)] + argv[4:-3] + ["--out", str(tmp_path / "res2"), "-v"]) == 2
     assert server.auth_seen == {f"Bearer {key}"}  # the server did get it
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".jsonl" for p in written) and len(list((tmp_path / "cache").rglob("*.json"))) > 0
@@ -162,10 +167,127 @@ def test_the_key_is_sent_but_never_written_or_logged(tmp_path, dataset, caplog, 
     captured = capsys.readouterr()
     logs = caplog.text + "\n".join(str(r.args) for r in caplog.records)
     assert "judge" in caplog.text and "DUALREF_CANARY_KEY" in captured.out  # things were logged and printed
+    assert "HTTP 401" in captured.err and "Incorrect API key provided" in captured.err
     for fragment in fragments:
         assert fragment not in logs and fragment not in captured.out and fragment not in captured.err
     records = [json.loads(x) for x in (tmp_path / "res" / "verdicts.jsonl").read_text().splitlines()]
-    assert {r["id"] for r in records if r["status"] == "unjudged"} == {"a1", "a2"}
+    assert {r["id"] for r in records if r["status"] == "unjudged"} == {"a2"}
+
+
+def test_answers_that_echo_the_key_are_scrubbed_everywhere(tmp_path, dataset, capsys, monkeypatch):
+    """Issue 18 item 6: a server that echoes the key (and so the Authorization header) in its answer
+    text: stored verbatim in verdicts and cache, and printed in an unparseable-reply reason, before."""
+    key = f"sk-echo-{uuid.uuid4().hex}"
+    monkeypatch.setenv("DUALREF_ECHO_KEY", key)
+    manifest, outputs = dataset
+
+    def script(call):
+        i = int(np.asarray(call.images()[2])[0, 0, 0])
+        if i == index_of("s1"):  # never a yes/no: unjudged, its reason quotes the reply
+            return Reply.answer(f"I will not say. Your header was {call.auth}")
+        word = "Yes" if truth(i, call.question) else "No"
+        return Reply.answer(f"{word}. (request authorised with {call.auth}; key {key})")
+
+    with ScriptedChatServer(script) as server:
+        cfg = config(tmp_path, server, key_env="DUALREF_ECHO_KEY", parse_retries=0)
+        argv = ["--profile", "loop", "--config", str(cfg), "--manifest", str(manifest), "--outputs", str(outputs),
+                "--out", str(tmp_path / "res")]
+        assert main(argv) == 0
+        assert main(argv) == 0  # a rerun reads the cache and prints the summary
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "res" / "verdicts.jsonl").read_text().splitlines())}
+    assert records["a0"]["status"] == "judged" and "[REDACTED]" in records["a0"]["verdict"]["answers"]["fidelity"]
+    assert records["s1"]["status"] == "unjudged" and "[REDACTED]" in records["s1"]["reason"]
+    stored = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
+    assert len(stored) > 10
+    captured = capsys.readouterr()
+    for fragment in (key, key[-12:]):
+        assert fragment not in captured.out + captured.err
+        for path in stored:
+            assert fragment.encode() not in path.read_bytes(), f"key found in {path}"
+
+
+def test_a_rejected_key_or_unknown_model_stops_the_run(tmp_path, dataset, capsys, monkeypatch):
+    """Issue 18 item 7: 401/403/unknown model stop after the first such answer, exit 2 with the
+    server's reason (100 samples sent 300 rejected requests and exited 0 before)."""
+    monkeypatch.setenv("DUALREF_STOP_KEY", "sk-stop-0123456789abcdef")
+    manifest, outputs = dataset
+    lines = [json.dumps({"id": f"m{i}", "task": "animal_scene", "images": ["refs/r1.png", "refs/r2.png"],
+                         "instruction": f"edit {i}", "split": "test"}) for i in range(100)]
+    manifest.write_text("\n".join(lines) + "\n")
+    for i in range(100):
+        png(outputs / f"m{i}.png", (i, 9, 9))
+    for status, message in [(401, "Incorrect API key provided: sk-stop-****cdef."), (403, "Project lacks access"),
+                            (404, "The model `loop-vlm` does not exist or you do not have access to it."),
+                            (400, "Invalid model name passed in model=loop-vlm: model not found")]:
+        with ScriptedChatServer(lambda call: Reply.error(status, message)) as server:
+            cfg = config(tmp_path, server, key_env="DUALREF_STOP_KEY", concurrency=4, cache_dir=str(tmp_path / f"c{status}"))
+            code = main(["--profile", "loop", "--config", str(cfg), "--manifest", str(manifest), "--outputs",
+                         str(outputs), "--out", str(tmp_path / f"res{status}")])
+        err = capsys.readouterr().err
+        assert code == 2, (status, err)
+        assert server.count <= 4, (status, server.count)  # only what was already in flight
+        assert f"HTTP {status}" in err and message.split(":")[0].split("`")[0] in err and "sk-stop-0123" not in err
+        summary = json.loads((tmp_path / f"res{status}" / "summary.json").read_text())
+        assert summary["overall"]["n_judged"] == 0 and summary["overall"]["n_unjudged"] == 0  # not recorded: rerun does them
+
+
+def test_cli_lists_every_bad_manifest_line_and_warns_on_duplicate_ids(tmp_path, dataset, capsys, caplog):
+    manifest, outputs = dataset
+    good = manifest.read_text().splitlines()
+    bad = ['{"id": "x", "task": "dance", "images": ["a"], "instruction": "i"}', "{not json",
+           '{"id": "y", "task": "animal_scene", "images": [], "instruction": "i"}']
+    manifest.write_text("\n".join(good[:2] + bad[:1] + good[2:] + bad[1:]) + "\n")
+    with ScriptedChatServer() as server:
+        argv = ["--profile", "loop", "--config", str(config(tmp_path, server)), "--manifest", str(manifest),
+                "--outputs", str(outputs), "--out", str(tmp_path / "res")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "3 bad line(s)" in err
+        assert f"{manifest}:3: unknown task 'dance'" in err and f"{manifest}:9: not valid JSON" in err
+        assert f"{manifest}:10: 'images' must be" in err
+        manifest.write_text("\n".join(good + good[:2]) + "\n")  # a0 and a1 twice
+        with caplog.at_level(logging.WARNING):
+            assert main(argv) == 0
+        assert "2 sample id(s) appear more than once" in caplog.text and "'a0' on lines 1, 8" in caplog.text
+        records = [json.loads(x) for x in (tmp_path / "res" / "verdicts.jsonl").read_text().splitlines()]
+        assert len(records) == len(SAMPLES) and server.count == 3 * (len(SAMPLES) - 1)  # each id judged once
+
+
+def test_ctrl_c_stops_in_flight_requests_and_writes_the_summary(tmp_path, dataset):
+    """Issue 18 item 7: Ctrl-C ends a run within ~2 s although requests hang, and summary.json holds
+    what was judged (the run waited for every in-flight request before)."""
+    manifest, outputs = dataset
+    hang = threading.Event()
+
+    def script(call):
+        i = int(np.asarray(call.images()[2])[0, 0, 0])
+        if i >= index_of("a2"):
+            hang.wait(60)  # a server that never answers these
+        return Reply.answer("Yes, it does." if truth(i, call.question) else "No.")
+
+    with ScriptedChatServer(script) as server:
+        cfg = config(tmp_path, server, concurrency=4, timeout_s=60)
+        proc = subprocess.Popen([sys.executable, "-m", "judge", "--profile", "loop", "--config", str(cfg), "--manifest",
+                                 str(manifest), "--outputs", str(outputs), "--out", str(tmp_path / "res")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            verdicts = tmp_path / "res" / "verdicts.jsonl"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (not verdicts.exists() or len(verdicts.read_text().splitlines()) < 2):
+                time.sleep(0.05)
+            time.sleep(0.3)  # the hanging requests are in flight
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            elapsed = time.monotonic() - sent
+        finally:
+            hang.set()
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, err
+    assert elapsed < 2.5, f"took {elapsed:.1f}s to stop"
+    summary = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert summary["overall"]["n_judged"] == 2 and "interrupted" in err
 
 
 def test_cli_with_the_toy_profile_on_a_toy_world(tmp_path):

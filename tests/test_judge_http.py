@@ -2,6 +2,7 @@
 import math
 import threading
 import time
+from concurrent.futures import CancelledError
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from judge import JudgePool, JudgeRequest, Unjudged
+from judge.verdict import JudgeStopped
 from judge.config import Profile
 from judge.ensemble import EnsembleJudge
 from judge.loopback import Reply, ScriptedChatServer
@@ -289,3 +291,92 @@ def test_images_are_taken_at_submit_and_bad_ones_are_unjudged(serve):
     results = judge.judge_many([JudgeRequest("x", image(1), image(2), np.zeros((4, 4, 2), np.uint8), sample_id="bad"),
                                 request(40)])
     assert isinstance(results[0], Unjudged) and "bad image" in results[0].reason and results[1].reward == 1.0
+
+
+# --- issue 18 items 6 and 7 -----------------------------------------------------------------------
+
+def test_hedges_are_asked_again_never_scored(serve):
+    """"Yes and no" and "No. Wait, actually yes." scored 1 and 0 before; now they are re-asked."""
+    hedges = {"fidelity": "Yes and no.", "consistency": "No. Wait, actually yes.", "realism": "Yes. On second thought, no."}
+    server, judge = serve(scripted({q: [Reply.answer(t)] for q, t in hedges.items()},
+                                   answer=lambda call: Reply.answer("No, it does not.")))
+    verdict = judge.judge(request())
+    assert verdict.scores() == {"fidelity": 0.0, "consistency": 0.0, "realism": 0.0}  # the clear second answers
+    assert sum(c.is_reask for c in server.calls) == 3
+    _, judge2 = serve(lambda call: Reply.answer("Yes and no"), parse_retries=1)
+    with pytest.raises(Unjudged, match="unparseable reply 'Yes and no'"):
+        judge2.judge(request())
+
+
+def test_a_retry_after_date_in_the_past_means_the_normal_backoff(serve):
+    past = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
+    times = []
+
+    def script(call):
+        times.append(time.monotonic())
+        return Reply.error(429, headers={"Retry-After": past}) if len(times) <= 2 else Reply.answer("Yes")
+
+    _, judge = serve(script, concurrency=1, backoff_base_s=0.3, backoff_max_s=1.0)
+    assert judge.judge(request()).fidelity == 1.0
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[0] >= 0.15 and gaps[1] >= 0.3, gaps  # 0.3 * 2**attempt, jitter down to half: not zero
+
+
+def test_redirects_to_another_host_are_not_followed_with_images(serve):
+    elsewhere = ScriptedChatServer().start()
+    try:
+        target = elsewhere.base_url.replace("127.0.0.1", "localhost") + "/chat/completions"
+        server, judge = serve(lambda call: Reply.error(307, "moved", {"Location": target}))
+        with pytest.raises(Unjudged, match=r"redirects to http://localhost:\d+/v1/chat/completions, another host"):
+            judge.judge(request())
+        assert elsewhere.count == 0 and judge.stopped is not None
+        calls = len(server.calls)
+        with pytest.raises(Unjudged, match="another host"):
+            judge.judge(request(2))
+        assert len(server.calls) == calls  # stopped: nothing more is sent
+    finally:
+        elsewhere.stop()
+
+    # a 308 to another path on the same server is followed, payload and all
+    server2, judge2 = serve(lambda call: Reply.answer("Yes") if call.path.startswith("/v2/")
+                            else Reply.error(308, headers={"Location": "/v2/chat/completions"}))
+    assert judge2.judge(request()).reward == 1.0
+    assert server2.paths_seen == {"/v1/chat/completions", "/v2/chat/completions"}
+    assert all(len(c.images()) == 3 for c in server2.calls)
+
+
+def test_a_rejected_key_stops_the_judge_after_the_first_answer(serve):
+    server, judge = serve(lambda call: Reply.error(401, "Incorrect API key provided: sk-test-http-0123456789."),
+                          concurrency=2)
+    results = judge.judge_many([request(i) for i in range(20)])
+    assert all(isinstance(r, JudgeStopped) for r in results)
+    assert len(server.calls) <= 2  # what was in flight; 60 rejected requests before
+    assert "rejected the key in $DUALREF_TEST_HTTP_KEY" in results[-1].reason
+    assert "Incorrect API key provided" in results[-1].reason and "sk-test-http" not in results[-1].reason
+    assert not judge.usable
+
+
+def test_abort_walks_away_from_hanging_requests(serve):
+    release = threading.Event()
+    server, judge = serve(lambda call: (release.wait(30), Reply.answer("Yes"))[1], timeout_s=30, concurrency=4)
+    try:
+        futures = [judge.submit(request(i)) for i in range(5)]
+        time.sleep(0.3)
+        start = time.monotonic()
+        judge.abort()
+        for f in futures:
+            with pytest.raises((Unjudged, CancelledError)):
+                f.result(timeout=5)
+        judge.close()
+        assert time.monotonic() - start < 1.0
+    finally:
+        release.set()
+
+
+def test_answers_echoing_the_key_are_scrubbed(serve, tmp_path):
+    key = "sk-test-http-0123456789"
+    server, judge = serve(lambda call: Reply.answer(f"Yes. Sent with {call.auth} (key {key})."),
+                          cache=True, cache_dir=str(tmp_path))
+    verdict = judge.judge(request())
+    assert all(key not in text and "[REDACTED]" in text for text in verdict.answers.values())
+    assert not any(key.encode() in p.read_bytes() for p in tmp_path.rglob("*.json"))

@@ -119,6 +119,10 @@ def test_stop_button_interrupts_a_slow_judge(node_module, tmp_path, monkeypatch)
         with pytest.raises(mm.InterruptProcessingException):
             node_module.VLMJudge.execute(batch([0, 1, 2, 3]), batch([1]), batch([2]), "x", "loop")
         assert time.monotonic() - start < 1.2  # did not wait for twelve 1.5 s answers
+        mm.interrupt_current_processing(False)
+        server.script = truth_script  # the next run builds a fresh judge (the stopped one walked away)
+        out = node_module.VLMJudge.execute(batch([1]), batch([1]), batch([2]), "x", "loop")
+        assert out.result[0] == pytest.approx([1.0])
     finally:
         mm.interrupt_current_processing(False)
         timer.cancel()
@@ -189,3 +193,36 @@ def test_endpoint_errors_are_readable_node_errors(node_module, tmp_path, monkeyp
     url = f"http://127.0.0.1:{free_port()}/v1"
     message = _endpoint_error(node_module, tmp_path / "down", monkeypatch, url=url)
     assert f"the endpoint {url} could not be reached" in message
+
+
+def test_answers_echoing_the_key_never_reach_the_node_output(node_module, tmp_path, monkeypatch):
+    """Issue 18 item 6: the key a server echoes in its answers is scrubbed from the node's outputs and errors."""
+    def script(call):
+        index = round(call.images()[2].getpixel((0, 0))[0])
+        if index == 1:
+            return Reply.answer(f"I refuse. You sent {call.auth}")
+        return Reply.answer(f"{TRUTH[index][QUESTIONS.index(call.question)]} Your key: {call.auth.split()[-1]}")
+
+    server = serve(tmp_path, monkeypatch, script, parse_retries=0)
+    try:
+        out = node_module.VLMJudge.execute(batch([0, 2]), batch([1]), batch([2]), "x", "loop")
+        with pytest.raises(RuntimeError) as info:
+            node_module.VLMJudge.execute(batch([1]), batch([1]), batch([2]), "x", "loop")
+    finally:
+        server.stop()
+    shown = "\n".join(str(x) for x in out.result[:3]) + str(info.value)
+    assert "Your key: [REDACTED]" in shown and "You sent [REDACTED]" in shown
+    assert "sk-node-test" not in shown and "abcdef123456" not in shown
+
+
+def test_a_rejected_key_stops_the_node_after_the_first_answer(node_module, tmp_path, monkeypatch):
+    server = serve(tmp_path, monkeypatch, lambda call: Reply.error(403, "Project lacks access to model"), concurrency=1)
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 403 .*Project lacks access"):
+            node_module.VLMJudge.execute(batch([0, 1, 2, 3]), batch([1]), batch([2]), "x", "loop")
+        assert server.count == 1  # twelve questions, one request
+        server.script = truth_script  # access granted: the next run rebuilds the judge and asks again
+        out = node_module.VLMJudge.execute(batch([0]), batch([1]), batch([2]), "x", "loop")
+        assert out.result[0] == pytest.approx([1 / 3])
+    finally:
+        server.stop()

@@ -34,6 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
     ("Nope", None), ("Yesterday it was", None), ("No-one can say", None), ("Not really", None),
     ("I can't help with that.", None), ("The answer is yes", None), ("", None), (None, None),
     ("Maybe", None), ("Y", None),
+    # hedges are no answer (issue 18): both words given, or a correction
+    ("Yes and no", None), ("Yes and no.", None), ("yes or no?", None), ("Yes/No", None), ("No but yes", None),
+    ("No. Wait, actually yes.", None), ("No. Actually, yes it does.", None), ("Yes. On second thought, no.", None),
+    ("Yes, but no.", None), ("No \u2014 yes, partially.", None), ("Yes. However, looking more closely, no.", None),
+    # ... while "no" as a word inside a yes stays a yes
+    ("Yes, no artifacts are visible.", True), ("Yes, there is no visible seam.", True), ("Yes (no blur)", True),
+    ("Yes, and no elements are lost.", True), ("No, it does not; answering yes would be wrong", False),
+    ("Yes, the image is actually quite realistic, no seams.", True), ("Yes, no-one would notice.", True),
 ])
 def test_yes_no_must_open_the_reply(text, expected):
     assert parse_yes_no(text) is expected
@@ -161,7 +169,8 @@ def test_retry_after_parses_seconds_and_http_dates():
     when = format_datetime(datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(when, now=now) == pytest.approx(30, abs=1.0)
     past = format_datetime(datetime.fromtimestamp(now, timezone.utc) - timedelta(seconds=30), usegmt=True)
-    assert parse_retry_after(past, now=now) == 0.0
+    assert parse_retry_after(past, now=now) is None  # issue 18: the normal backoff, not zero
+    assert parse_retry_after("-3") is None and parse_retry_after("nan") is None and parse_retry_after("0") == 0.0
 
 
 def test_rate_limiter_spaces_requests_and_pauses():
@@ -228,6 +237,59 @@ def test_profiles_load_from_file_and_environment(tmp_path, monkeypatch):
 def test_bad_profiles_are_refused_with_the_fix(tmp_path, raw, match):
     with pytest.raises(ProfileError, match=match):
         load_profiles(_write(tmp_path, {"p": raw}))
+
+
+@pytest.mark.parametrize("pasted", [
+    "sk-proj-AbCdEf0123456789xyzXYZ",  # not a variable name
+    "hf_AbCdEfGhIjKlMnOpQrStUv0123",  # a valid variable name that is a Hugging Face token
+    "AKIAIOSFODNN7EXAMPLE",  # an AWS key id
+    "AIzaSyA1234567890abcdefghijklmnopq",  # a Google API key
+    "OPENAI KEY",
+])
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_printed(tmp_path, monkeypatch, capsys, pasted):
+    """Issue 18 item 6: a valid-variable-name key was accepted and printed by --list-profiles."""
+    from judge.cli import main
+
+    monkeypatch.delenv("DUALREF_JUDGE_URL", raising=False)
+    path = _write(tmp_path, {"p": {"base_url": "https://x.example/v1", "model": "m", "api_key_env": pasted}})
+    with pytest.raises(ProfileError, match="NAME of an environment variable") as info:
+        load_profiles(path)
+    assert pasted not in str(info.value) and pasted[:8] not in str(info.value)
+    assert main(["--list-profiles", "--config", str(path)]) == 2
+    monkeypatch.setenv("DUALREF_JUDGE_URL", "https://x.example/v1")
+    monkeypatch.setenv("DUALREF_JUDGE_MODEL", "m")
+    monkeypatch.setenv("DUALREF_JUDGE_KEY_ENV", pasted)
+    monkeypatch.setenv("DUALREF_JUDGE_CONFIG", str(_write(tmp_path, {})))
+    assert main(["--list-profiles"]) == 2
+    captured = capsys.readouterr()
+    assert "NAME of an environment variable" in captured.err
+    assert pasted not in captured.out + captured.err and pasted[:8] not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("extra_body, where", [
+    ({"x-api-key": "abc"}, "extra_body.x-api-key"),
+    ({"apiKey": "abc"}, "extra_body.apiKey"),
+    ({"access_token": "abc"}, "extra_body.access_token"),
+    ({"extra_headers": {"X-Custom": "v"}}, "extra_body.extra_headers"),
+    ({"metadata": {"note": "sk-live-0123456789abcdef"}}, "extra_body.metadata.note"),
+    ({"user": "Bearer 0123456789"}, "extra_body.user"),
+    ({"tags": ["ok", "hf_AbCdEfGhIjKlMnOpQrStUv0123"]}, r"extra_body.tags\[1\]"),
+])
+def test_credentials_in_extra_body_are_refused_without_being_shown(tmp_path, extra_body, where):
+    path = _write(tmp_path, {"p": {"base_url": "https://x.example/v1", "model": "m", "extra_body": extra_body}})
+    with pytest.raises(ProfileError, match=rf"{where} looks like one") as info:
+        load_profiles(path)
+    for value in json.dumps(extra_body).split('"'):
+        if len(value) > 6 and value not in where:
+            assert value not in str(info.value)
+
+
+def test_ordinary_extra_body_fields_are_kept(tmp_path):
+    body = {"reasoning_effort": "minimal", "skip_special_tokens": True, "stop_token_ids": [1, 2], "max_tokens": 9,
+            "chat_template_kwargs": {"enable_thinking": False}, "top_k": 20, "guided_choice": ["Yes", "No"]}
+    path = _write(tmp_path, {"p": {"base_url": "https://x.example/v1", "model": "m", "extra_body": body,
+                                   "api_key_env": "PK_SERVICE_TOKEN_2"}})
+    assert load_profiles(path)["p"].extra_body == body
 
 
 def test_profile_holds_no_key_and_load_names_the_missing_variable(tmp_path, monkeypatch):

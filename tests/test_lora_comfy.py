@@ -14,8 +14,9 @@ import logging
 import pytest
 import torch
 
-from comfy_models import conditioning, flux_shapes, flux_unet_config, random_state_dict
+from comfy_models import build_flux, conditioning, flux_shapes, flux_unet_config, random_state_dict
 from dual_rope.lora_meta import LoraMetadata, base_fingerprint, lora_content_hash
+from hostile_headers import hostile_headers
 from training.lora_io import save_lora
 
 pytestmark = pytest.mark.host
@@ -262,6 +263,25 @@ def test_bad_files_and_other_models_are_named(reference, comfy_model, nodes_, pa
     save_lora(loras / "wide_text.safetensors", wrong, LoraMetadata("diagonal", "sft", RANK, ALPHA))
     with pytest.raises(meta.LoraFileError, match=r"wide_text\.safetensors.*another shape.*made for another model"):
         apply(nodes_, diagonal, sft="wide_text.safetensors")
+
+
+def test_hostile_headers_get_a_refusal_naming_the_file(nodes_, pack, tmp_path):
+    """Issue 18 item 4 through the node: a RecursionError and an empty "keys like " message before."""
+    import folder_paths
+
+    meta = importlib.import_module(f"{pack.__name__}.dual_rope.lora_meta")
+    folder = tmp_path / "hostile_loras"
+    folder.mkdir()
+    files = hostile_headers(folder)
+    folder_paths.add_model_folder_path("loras", str(folder))
+    model = patched(nodes_, build_flux(seed=3))  # a tiny Flux: the header is refused before the weights matter
+    for name, (path, reason) in files.items():
+        with pytest.raises(meta.LoraFileError, match=rf"{path.name}'?: .*{reason}") as err:
+            apply(nodes_, model, sft=path.name)
+        assert "keys like )" not in str(err.value)
+        with pytest.raises(meta.LoraFileError, match=rf"{path.name}'?: .*{reason}"):
+            apply(nodes_, model, sft=path.name, s=0.0)  # even unused, a selected file is read and refused
+    files["big"][0].unlink()  # 136 MB: pytest keeps the last runs' folders
 
 
 def test_node_schema_lists_loras_and_documents_every_socket(comfy_model, nodes_):

@@ -20,7 +20,9 @@ from dual_rope.lora_meta import (
     base_fingerprint,
     lora_content_hash,
     parse_header,
+    read_safetensors_header,
 )
+from hostile_headers import hostile_headers
 from training.lora_io import apply_lora_diffusers, load_lora, save_lora, transformer_fingerprint
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "proj_mlp", "proj_out", "ff.net.2"]
@@ -153,6 +155,29 @@ def test_bad_files_are_named(tmp_path):
         load_lora(tmp_path / "sd1.safetensors")
     with pytest.raises(LoraFileError, match="no such file"):
         load_lora(tmp_path / "missing.safetensors")
+
+
+def test_hostile_headers_are_refused_naming_the_file(tmp_path):
+    """Issue 18 item 4: bounded size and nesting, one clear refusal naming the file (was a RecursionError,
+    and an empty "keys like " for a 130 MB metadata header)."""
+    from training.model_files import ModelFileError, read_header
+
+    files = hostile_headers(tmp_path)
+    for name, (path, reason) in files.items():
+        readers = [load_lora] + ([lora_content_hash] if name != "empty" else [])  # the trainer's and DDPO's
+        for read in readers:
+            with pytest.raises(LoraFileError, match=rf"{path.name}'?: .*{reason}") as err:
+                read(path)
+            assert "keys like )" not in str(err.value), name
+        if name not in ("empty", "meta"):  # model files: the same parser, their own error type
+            with pytest.raises(ModelFileError, match=rf"{path.name}: .*{reason}"):
+                read_header(path)
+    # a normal header still reads, brackets inside strings and escaped quotes included
+    ok = tmp_path / "ok.safetensors"
+    save_file({"a.lora_A.weight": torch.zeros(2, 2)}, ok, metadata={"note": '[[[[[[[[[[ \\" {{{{{{{{{{'})
+    entries, meta, _ = read_safetensors_header(ok)
+    assert list(entries) == ["a.lora_A.weight"] and meta["note"].startswith("[[[[")
+    files["big"][0].unlink()  # 136 MB: pytest keeps the last runs' folders
 
 
 def test_fingerprint_survives_precision_and_sees_other_weights():
