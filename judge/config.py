@@ -249,7 +249,10 @@ def find_config(config_dir: str | os.PathLike | None = None) -> Path | None:
 def _read(path: Path) -> dict:
     try:
         if path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser as a package (requirements.txt)
+                import tomli as tomllib
 
             return tomllib.loads(path.read_text())
         return json.loads(path.read_text())

@@ -168,8 +168,9 @@ class _Sessions:
 class ChatTransport:
     """POSTs chat-completion payloads for one profile."""
 
-    def __init__(self, profile: Profile, on_attempt=None):
+    def __init__(self, profile: Profile, on_attempt=None, role: str = "judge"):
         self.profile = profile
+        self.role = role  # what the log lines call it: "judge", or "synthesis" for the dataset LLM
         self.url = profile.base_url.rstrip("/") + "/chat/completions"
         self.limiter = RateLimiter(profile.rpm, burst=profile.concurrency)
         self._sessions = _Sessions()
@@ -203,7 +204,7 @@ class ChatTransport:
         with self._stop_lock:
             if self._stopped is None:
                 self._stopped = JudgeStopped(reason)
-                log.error("judge %s: stopped, no further requests: %s", self.profile.name, reason)
+                log.error("%s %s: stopped, no further requests: %s", self.role, self.profile.name, reason)
             return self._stopped
 
     def _check_usable(self, context: str):
@@ -252,12 +253,12 @@ class ChatTransport:
             if "max_tokens" in sent and "max_tokens" in text and "max_completion_tokens" in text:
                 if self._token_param == "max_tokens":
                     self._token_param = "max_completion_tokens"
-                    log.warning("judge %s: server wants max_completion_tokens; switching (set token_param in the profile)", self.profile.name)
+                    log.warning("%s %s: server wants max_completion_tokens; switching (set token_param in the profile)", self.role, self.profile.name)
                 return True
             if "temperature" in sent and "temperature" in text and ("unsupported" in text or "not support" in text):
                 if self._send_temperature:
                     self._send_temperature = False
-                    log.warning("judge %s: server rejects temperature %s; leaving it out (set temperature: null)", self.profile.name, self.profile.temperature)
+                    log.warning("%s %s: server rejects temperature %s; leaving it out (set temperature: null)", self.role, self.profile.name, self.profile.temperature)
                 return True
         return False
 
@@ -385,7 +386,7 @@ class ChatTransport:
             if attempt >= self.profile.max_retries:
                 raise Unjudged(f"{context}gave up after {attempt + 1} attempts; last error: {last}")
             wait = delay if delay is not None else self._delay(attempt)
-            log.info("judge %s: %sretry %d/%d in %.2fs after %s", self.profile.name, context, attempt + 1, self.profile.max_retries, wait, last)
+            log.info("%s %s: %sretry %d/%d in %.2fs after %s", self.role, self.profile.name, context, attempt + 1, self.profile.max_retries, wait, last)
             if self._abort.wait(wait):
                 self._check_usable(context)
             attempt += 1

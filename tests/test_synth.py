@@ -75,6 +75,7 @@ class ColorJudge(Judge):
 
 # -- the main flow: faults, invalid plans, image edits, judge filter, unjudged retried next run ---
 def test_synthesis_with_edits_judge_faults_and_resume(tmp_path, api_key, caplog):
+    caplog.set_level("INFO", logger="judge.transport")
     def rule(task, names, followups):
         if task == "animal_scene" and "a_bad" in names:
             return {"task": task, "instruction": "missing the rest of the plan"}  # never valid
@@ -139,6 +140,8 @@ def test_synthesis_with_edits_judge_faults_and_resume(tmp_path, api_key, caplog)
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in caplog.text
+    # the LLM's 429/500 retries are the synthesis's, not a judge's
+    assert "synthesis synth-llm: retry" in caplog.text and "judge synth-llm" not in caplog.text
 
 
 # -- the budget: stop cleanly, keep what is done, resume without duplicates ---------------------

@@ -188,7 +188,7 @@ class ChatClient:
 
     def __init__(self, config: LLMConfig, budget: Budget):
         self.config, self.profile, self.budget = config, config.profile, budget
-        self.transport = ChatTransport(self.profile, on_attempt=budget.take_request)
+        self.transport = ChatTransport(self.profile, on_attempt=budget.take_request, role="synthesis")
 
     def complete(self, messages: list[dict], schema: dict | None = None) -> str:
         """The reply text of one completion (transport retries inside); raises EndpointError."""
