@@ -141,7 +141,7 @@ def test_synthesis_with_edits_judge_faults_and_resume(tmp_path, api_key, caplog)
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in caplog.text
     # the LLM's 429/500 retries are the synthesis's, not a judge's
-    assert "synthesis synth-llm: retry" in caplog.text and "judge synth-llm" not in caplog.text
+    assert "synthesis synth-llm: " in caplog.text and "retry 1/4" in caplog.text and "judge synth-llm" not in caplog.text
 
 
 # -- the budget: stop cleanly, keep what is done, resume without duplicates ---------------------
