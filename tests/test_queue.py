@@ -185,6 +185,42 @@ def test_progress_names_nodes_by_title_not_by_id():
         bar.close()
 
 
+def test_a_frozen_server_is_named_with_what_happened_and_the_fix(pair, tmp_path):
+    """A server that takes the prompt and never finishes it (frozen): the job stops at --timeout with a
+    message that says so and what to do, instead of waiting for ever or a bare 'timed out'."""
+    import http.server
+    import threading
+
+    class Frozen(http.server.BaseHTTPRequestHandler):
+        def _json(self, value):
+            body = json.dumps(value).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # /object_info knows every node; /history never has the prompt
+            nodes = {n["class_type"]: {} for n in PASTE_GRAPH.values()}
+            self._json(nodes if self.path.startswith("/object_info") else {})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._json({"name": "x.png"} if self.path.startswith("/upload") else {"prompt_id": "p1", "number": 1})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Frozen)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ComfyError, match="frozen, or busy with other work.*raise --timeout"):
+            queue_job(f"http://127.0.0.1:{server.server_address[1]}", PASTE_GRAPH, pair[:2], "x", out_dir=tmp_path,
+                      timeout=1.0, use_websocket=False)
+    finally:
+        server.shutdown()
+
+
 # -- against the real host ----------------------------------------------------------------------
 @pytest.mark.host
 def test_queue_job_uploads_runs_follows_ws_and_downloads(comfy_server, pair, tmp_path):
