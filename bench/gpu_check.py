@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a script; appended, so ComfyUI's `nodes` is never shadowed by ours
+    sys.path.append(str(REPO))
 
 import torch  # noqa: E402
 
