@@ -170,22 +170,15 @@ class SFTConfig:
     def validate(self) -> "SFTConfig":
         from dual_rope import METHODS  # dual_rope loads torch: config files and --help stay light without it
 
-        choices = {
-            "train.mode": ("lora", "full"), "train.precision": ("fp32", "bf16"), "lora.save_dtype": ("bf16", "fp32"),
-            "train.distributed": ("ddp", "fsdp"), "train.layout": METHODS,
-            "train.sigma_sampling": ("logit_normal", "uniform"), "optim.schedule": ("constant", "cosine"),
-            "train.base_quant": BASE_QUANT,
-        }
-        for key, allowed in choices.items():
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(allowed)}")
-        positive = {"train.max_steps": self.train.max_steps, "data.batch_size": self.data.batch_size,
-                    "lora.rank": self.lora.rank, "optim.lr": self.optim.lr, "data.max_pixels": self.data.max_pixels}
-        for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{key} must be > 0, got {value}")
+        t = self.train
+        check_choices({"train.mode": (t.mode, ("lora", "full")), "train.precision": (t.precision, ("fp32", "bf16")),
+                       "lora.save_dtype": (self.lora.save_dtype, ("bf16", "fp32")),
+                       "train.distributed": (t.distributed, ("ddp", "fsdp")), "train.layout": (t.layout, METHODS),
+                       "train.sigma_sampling": (t.sigma_sampling, ("logit_normal", "uniform")),
+                       "optim.schedule": (self.optim.schedule, ("constant", "cosine")),
+                       "train.base_quant": (t.base_quant, BASE_QUANT)})
+        check_positive({"train.max_steps": t.max_steps, "data.batch_size": self.data.batch_size,
+                        "lora.rank": self.lora.rank, "optim.lr": self.optim.lr, "data.max_pixels": self.data.max_pixels})
         if not isinstance(self.data.task_repeats, dict):
             raise ConfigError(f"data.task_repeats must map task names to counts, got {self.data.task_repeats!r}")
         for task, times in self.data.task_repeats.items():
@@ -208,6 +201,20 @@ class SFTConfig:
             raise ConfigError("model.path (a diffusers folder, or 'toy') or model.transformer (a single "
                               "file, with model.vae / clip_l / t5) is required")
         return self
+
+
+def check_choices(choices: dict) -> None:
+    """``{"section.key": (value, allowed values)}``: a ConfigError naming the first key whose value is not allowed."""
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
+
+
+def check_positive(values: dict) -> None:
+    """``{"section.key": value}``: a ConfigError naming the first value that is not > 0."""
+    for key, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
 
 
 def _expected(hint) -> str:

@@ -12,7 +12,16 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
-from ..config import DEFAULT_TARGET_MODULES, ConfigError, ModelConfig, build_config, check_trackers, load_into
+from ..config import (
+    DEFAULT_TARGET_MODULES,
+    ConfigError,
+    ModelConfig,
+    build_config,
+    check_choices,
+    check_positive,
+    check_trackers,
+    load_into,
+)
 from ..sampler import SamplerConfig
 
 ADVANTAGES = ("baseline", "per_prompt")
@@ -142,7 +151,6 @@ class DDPOConfig:
 
     def sampler(self, iteration: int, settings: dict | None = None):
         """The rollout SamplerConfig of ``iteration`` (its ensemble member), model defaults filled in."""
-
         values = {k: getattr(self.rollout, k) for k in SAMPLER_KEYS}
         if self.rollout.ensemble:
             values.update(self.rollout.ensemble[iteration % len(self.rollout.ensemble)])
@@ -154,22 +162,16 @@ class DDPOConfig:
         from dual_rope import METHODS  # dual_rope loads torch: config files and --help stay light without it
 
         d, r = self.ddpo, self.run
-        choices = {"ddpo.advantage": (d.advantage, ADVANTAGES), "run.precision": (r.precision, ("fp32", "bf16")),
-                   "lora.save_dtype": (self.lora.save_dtype, ("bf16", "fp32")),
-                   "run.layout": (r.layout, (None,) + tuple(METHODS)),
-                   "judge.mode": (self.judge.mode, (None, "binary", "probability")),
-                   "eval.mode": (self.eval.mode, (None, "binary", "probability"))}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}")
-        positive = {"ddpo.iterations": d.iterations, "ddpo.prompts_per_iteration": d.prompts_per_iteration,
-                    "ddpo.group_size": d.group_size, "ddpo.rollout_batch": d.rollout_batch,
-                    "ddpo.train_batch": d.train_batch, "ddpo.train_chunk": d.train_chunk,
-                    "ddpo.inner_epochs": d.inner_epochs, "ddpo.clip_range": d.clip_range, "lora.rank": self.lora.rank,
-                    "optim.lr": self.optim.lr, "data.max_pixels": self.data.max_pixels}
-        for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{key} must be > 0, got {value}")
+        check_choices({"ddpo.advantage": (d.advantage, ADVANTAGES), "run.precision": (r.precision, ("fp32", "bf16")),
+                       "lora.save_dtype": (self.lora.save_dtype, ("bf16", "fp32")),
+                       "run.layout": (r.layout, (None,) + tuple(METHODS)),
+                       "judge.mode": (self.judge.mode, (None, "binary", "probability")),
+                       "eval.mode": (self.eval.mode, (None, "binary", "probability"))})
+        check_positive({"ddpo.iterations": d.iterations, "ddpo.prompts_per_iteration": d.prompts_per_iteration,
+                        "ddpo.group_size": d.group_size, "ddpo.rollout_batch": d.rollout_batch,
+                        "ddpo.train_batch": d.train_batch, "ddpo.train_chunk": d.train_chunk,
+                        "ddpo.inner_epochs": d.inner_epochs, "ddpo.clip_range": d.clip_range,
+                        "lora.rank": self.lora.rank, "optim.lr": self.optim.lr, "data.max_pixels": self.data.max_pixels})
         if d.advantage == "per_prompt" and d.group_size < 2:
             raise ConfigError("ddpo.advantage=per_prompt needs ddpo.group_size >= 2 (a group to normalise over)")
         if d.kl_weight < 0 or self.judge.retries < 0 or self.data.val_count < 0:
