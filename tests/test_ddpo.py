@@ -6,6 +6,7 @@ distributed check is in test_ddpo_distributed.py, the main job in test_pipeline.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -259,3 +260,57 @@ def test_global_std_reaches_the_loop_and_changes_the_update(setup, straight, tmp
     assert [r["reward"] for r in metrics(out)][:1] == [r["reward"] for r in metrics(straight[0])][:1]
     reference, shared = _lora(straight[0]), _lora(out)
     assert any(not torch.equal(reference[k], shared[k]) for k in reference)
+
+
+def test_tied_groups_are_dropped_from_the_update_by_hand():
+    """ddpo.drop_tied_groups: group b's rewards all tie, so its slots leave the update (NaN, as an
+    unjudged sample); group a is kept with the same advantages as without the option."""
+    table = torch.zeros(6, 5, dtype=torch.float64)
+    table[:, 0] = 1
+    table[:, 1] = torch.tensor([0.0, 1.0, 0.5, 0.7, 0.7, 0.7], dtype=torch.float64)
+    cfg = DDPOConfig()
+    kept, _ = compute_advantages(table, _slots([3, 3]), ["a", "b"], RewardBaseline(), PerPromptStatTracker(16, 1), cfg)
+    cfg.ddpo.drop_tied_groups = True
+    dropped, stats = compute_advantages(table, _slots([3, 3]), ["a", "b"], RewardBaseline(),
+                                        PerPromptStatTracker(16, 1), cfg)
+    assert torch.equal(dropped[:3], kept[:3]) and torch.isnan(dropped[3:]).all()
+    assert stats["dropped_tied"] == 0.5 and stats["zero_adv_groups"] == 0.5
+
+
+def test_dropping_tied_groups_reaches_the_loop(setup, straight, tmp_path, monkeypatch):
+    """With every reward tied, nothing is left to train on: the LoRA stays at its start (B = 0) and
+    the metrics say all was dropped."""
+    out = tmp_path / "tied"
+
+    class TiedJudge(ToyJudge):
+        def judge(self, request):
+            return dataclasses.replace(super().judge(request), fidelity=0.5, consistency=0.5, realism=0.5)
+
+    train_ddpo(ddpo_config(*setup, out, ddpo={"drop_tied_groups": True}), judge=TiedJudge(mode="probability"))
+    rows = metrics(out)
+    assert [r["dropped_tied"] for r in rows] == [1.0, 1.0]
+    assert all(float(v.abs().max()) == 0 for k, v in _lora(out).items() if "lora_B" in k)
+
+
+def test_ema_is_exported_and_resumes_exactly(setup, straight, tmp_path):
+    """ddpo.ema_decay: the exported LoRA is the average, not the last weights; an interrupted run
+    resumes to the same average (the EMA rides in the checkpoint)."""
+    ema = {"ema_decay": 0.5}
+    whole = tmp_path / "whole"
+    train_ddpo(ddpo_config(*setup, whole, ddpo=ema))
+    reference = _lora(straight[0])
+    averaged = _lora(whole)
+    assert any(not torch.equal(reference[k], averaged[k]) for k in reference if "lora_B" in k)
+    assert (whole / "checkpoints" / "step_0000002" / "ema.safetensors").is_file()
+    out = tmp_path / "run"
+
+    def stop(iteration):
+        if iteration == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpo(ddpo_config(*setup, out, ddpo=ema, run={"checkpoint_every": 0}), on_iteration=stop)
+    train_ddpo(ddpo_config(*setup, out, ddpo=ema, run={"checkpoint_every": 0}))
+    resumed = _lora(out)
+    for key in averaged:
+        assert torch.equal(averaged[key], resumed[key]), key

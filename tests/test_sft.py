@@ -84,6 +84,31 @@ def test_resume_mid_epoch_gives_the_same_weights(micro, world, tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_ema_exports_the_average_and_resumes_exactly(micro, world, tmp_path):
+    """train.ema_decay: the LoRA is the average of the weights, not the last ones (the checkpoint keeps
+    the live weights), and an interrupted run resumes to the same average (issue 21)."""
+    sections = {"train": {"max_steps": 6, "ema_decay": 0.8}, "lora": {"save_dtype": "fp32"},
+                "run": {"checkpoint_every": 3, "val_at_start": False, "val_samples": 0}}
+    straight = train(sft_config(micro, world, tmp_path / "a", **sections))
+    live = load_file(tmp_path / "a" / "checkpoints" / "step_0000006" / "trainable.safetensors")
+    exported = load_file(straight.lora_path)
+    key = "transformer.proj_out.lora_B"
+    assert not torch.equal(live[f"{key}.default.weight"], exported[f"{key}.weight"])  # the average, not the last
+    assert (tmp_path / "a" / "checkpoints" / "step_0000006" / "ema.safetensors").is_file()
+
+    def interrupt(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    cfg = sft_config(micro, world, tmp_path / "b", **sections)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=interrupt)
+    resumed = train(cfg, resume=True)
+    a, b = load_file(straight.lora_path), load_file(resumed.lora_path)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_a_ctrl_c_inside_the_optimizer_step_waits_for_the_step_counter(micro, world, tmp_path):
     """A real SIGINT sent from inside Adam's step: it lands once the step counter has moved, so the
     checkpoint it triggers names the weights it holds and ``resume`` matches an uninterrupted run."""

@@ -49,8 +49,10 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir, state: TrainState, module, optimizer, scheduler, config: dict, keep: int = 2) -> Path:
-    """Write ``<run_dir>/checkpoints/step_<N>`` atomically and drop all but the ``keep`` newest."""
+def save_checkpoint(run_dir, state: TrainState, module, optimizer, scheduler, config: dict, keep: int = 2,
+                    extra=None) -> Path:
+    """Write ``<run_dir>/checkpoints/step_<N>`` atomically and drop all but the ``keep`` newest;
+    ``extra(folder)`` writes more state (e.g. the EMA) into it before it is renamed into place."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -64,6 +66,8 @@ def save_checkpoint(run_dir, state: TrainState, module, optimizer, scheduler, co
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **asdict(state), "config": config},
                                                indent=1, sort_keys=True))
+    if extra is not None:
+        extra(tmp)
     if final.exists():  # re-saving the same step (e.g. after an interrupt): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -134,6 +134,7 @@ class TrainConfig:
     # plain flow-matching loss, as for real Kontext). Helps a small model learn sparse edits sooner.
     edit_weight: float = 0.0
     edit_threshold: float = 0.5  # latent difference (normalised units) above which a token counts as edited
+    ema_decay: float = 0.0  # EMA of the trainable weights, used for validation and export; 0: off
 
 
 @dataclass
@@ -185,6 +186,11 @@ class SFTConfig:
             if isinstance(times, bool) or not (isinstance(times, int) and times >= 1):
                 raise ConfigError(f"data.task_repeats.{task} must be a whole number >= 1, got {times!r}")
         check_trackers(self.run.trackers)
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={t.ema_decay}: use 0 (off) or a decay in (0, 1), e.g. 0.99")
+        if t.ema_decay and t.distributed == "fsdp":
+            raise ConfigError("train.ema_decay needs the whole trainable weights on every process: use "
+                              "train.distributed=ddp with it, or train.ema_decay=0 under fsdp")
         if self.train.base_quant != "none":
             need = {"train.mode": (self.train.mode, "lora"), "train.precision": (self.train.precision, "bf16"),
                     "train.distributed": (self.train.distributed, "ddp")}

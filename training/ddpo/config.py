@@ -89,6 +89,8 @@ class DDPOAlgoConfig:
     stat_min_count: int = 4  # per_prompt: below this many, the batch's mean/std are used
     global_std: bool = False  # per_prompt: divide by the batch's reward std, not each prompt's (Flow-GRPO)
     adv_clip: float | None = 5.0
+    drop_tied_groups: bool = False  # leave groups whose rewards all tie out of the update (Flow-GRPO)
+    ema_decay: float = 0.0  # EMA of the DDPO LoRA (used for the held-out check and export); 0: off
     kl_weight: float = 0.0  # KL to the adapter-disabled model (= the SFT model); 0 skips its forward pass
 
 
@@ -174,6 +176,8 @@ class DDPOConfig:
                         "lora.rank": self.lora.rank, "optim.lr": self.optim.lr, "data.max_pixels": self.data.max_pixels})
         if d.advantage == "per_prompt" and d.group_size < 2:
             raise ConfigError("ddpo.advantage=per_prompt needs ddpo.group_size >= 2 (a group to normalise over)")
+        if not 0.0 <= d.ema_decay < 1.0:
+            raise ConfigError(f"ddpo.ema_decay={d.ema_decay}: use 0 (off) or a decay in (0, 1), e.g. 0.9")
         if d.kl_weight < 0 or self.judge.retries < 0 or self.data.val_count < 0:
             raise ConfigError("ddpo.kl_weight, judge.retries and data.val_count must be >= 0")
         for k, member in enumerate(self.rollout.ensemble):

@@ -22,6 +22,7 @@ At the end the DDPO LoRA is written as ``dualref_ddpo.safetensors`` (DESIGN cont
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -39,6 +40,7 @@ from .. import interrupts
 from ..cache import CachedDataset, EmbeddingCache, encode_shared
 from ..config import ConfigError
 from ..data import load_manifest, write_skipped
+from ..ema import TrainableEMA
 from ..evaluation import sample_images, sampler_config
 from ..files import cache_dir_for
 from ..models import PRECISIONS, load_model
@@ -170,6 +172,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     keys = [e.record.sample.id for e in dataset.entries]
     policy, params, base_fingerprint = build_policy(cfg, bundle)
     transformer = policy.transformer
+    ema = TrainableEMA([(n, p) for n, p in transformer.named_parameters() if p.requires_grad],
+                       cfg.ddpo.ema_decay) if cfg.ddpo.ema_decay else None
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = ddpo_state.constant_schedule(optimizer)
@@ -182,7 +186,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     # -- resume -----------------------------------------------------------------------------------
     checkpoint, done = ddpo_state.latest(run_dir), 0
     if checkpoint is not None:
-        done, algo = ddpo_state.restore(checkpoint, transformer, optimizer, scheduler)
+        done, algo = ddpo_state.restore(checkpoint, transformer, optimizer, scheduler, ema)
         baseline.load_state_dict(algo["baseline"])
         tracker.load_state_dict(algo["tracker"])
         log.info("resumed DDPO from %s (%d iterations done)", checkpoint, done)
@@ -192,8 +196,9 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     def held_out_check() -> dict:
         values = {}
         if held_out and main:
-            values = evaluate_held_out(policy, bundle, dataset, held_out, judge_pool, make_request, eval_config,
-                                       cfg.run.seed)
+            with ema.swapped() if ema else contextlib.nullcontext():  # the weights that will be exported
+                values = evaluate_held_out(policy, bundle, dataset, held_out, judge_pool, make_request,
+                                           eval_config, cfg.run.seed)
         accelerator.wait_for_everyone()
         return values
 
@@ -201,7 +206,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
         if main:
             ddpo_state.save(run_dir, iteration, transformer, optimizer, scheduler,
                             {"baseline": baseline.state_dict(), "tracker": tracker.state_dict()}, cfg.to_dict(),
-                            cfg.run.keep_checkpoints)
+                            cfg.run.keep_checkpoints, ema)
         if barrier:
             accelerator.wait_for_everyone()
 
@@ -233,7 +238,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
             table = accelerator.reduce(reward_table(rollouts, len(slots)), "sum")  # each row from its owner
             retries = int(accelerator.reduce(torch.tensor([rollouts.retries]), "sum"))
             if main:  # the only process that saves on Ctrl-C
-                before = ddpo_state.snapshot(params, optimizer, baseline, tracker)
+                before = ddpo_state.snapshot(params, optimizer, baseline, tracker, ema)
             advantages, adv_stats = compute_advantages(table, slots, keys, baseline, tracker, cfg)
             if world > 1:  # every process computed these from the same gathered table: they must agree
                 mine_state = torch.tensor([[baseline.value or 0.0, float(advantages.nan_to_num().sum())]],
@@ -243,6 +248,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
             trained = time.perf_counter()
             update = policy_update(cfg, policy, params, optimizer, accelerator, dataset, rollouts, slots,
                                    advantages, iteration)
+            if ema is not None:
+                ema.step()
             row = _iteration_row(iteration, table, slots, keys, dataset, sampler, retries, rollouts, adv_stats,
                                  update, trained - begin, time.perf_counter() - trained)
             if rollouts.unjudged_reasons:
@@ -267,7 +274,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
         try:
             with interrupts.deferred():  # torchrun forwards a second SIGINT: put back and save first
                 if before is not None:
-                    ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker)
+                    ddpo_state.restore_snapshot(before, params, optimizer, baseline, tracker, ema)
                 if completed != saved and main:
                     # Every process holds the same weights, optimizer and baseline after each completed
                     # iteration (DDP), so the main process saves alone, without a barrier: the others
@@ -284,12 +291,13 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
     lora_path = None
     if main:
         lora_path = run_dir / DDPO_LORA
-        ddpo_state.export_ddpo_lora(
-            lora_path, transformer, layout=policy.layout, base_fingerprint=base_fingerprint, sft_path=cfg.lora.sft,
-            rank=cfg.lora.rank, alpha=cfg.lora.alpha, iterations=cfg.ddpo.iterations,
-            samples_per_iteration=cfg.ddpo.prompts_per_iteration * cfg.ddpo.group_size, world_size=world,
-            seed=cfg.run.seed, lr=cfg.optim.lr, max_pixels=cfg.data.max_pixels, precision=cfg.run.precision,
-            manifest=cfg.data.manifest, dtype=PRECISIONS[cfg.lora.save_dtype])
+        with ema.swapped() if ema else contextlib.nullcontext():
+            ddpo_state.export_ddpo_lora(
+                lora_path, transformer, layout=policy.layout, base_fingerprint=base_fingerprint, sft_path=cfg.lora.sft,
+                rank=cfg.lora.rank, alpha=cfg.lora.alpha, iterations=cfg.ddpo.iterations,
+                samples_per_iteration=cfg.ddpo.prompts_per_iteration * cfg.ddpo.group_size, world_size=world,
+                seed=cfg.run.seed, lr=cfg.optim.lr, max_pixels=cfg.data.max_pixels, precision=cfg.run.precision,
+                manifest=cfg.data.manifest, dtype=PRECISIONS[cfg.lora.save_dtype])
     judge_pool.close(close_judge=owns_judge)
     if cfg.run.trackers and main:  # the reward curve so far, as the report stage draws it
         curve = reward_curve(run_dir / "metrics.jsonl", tracking_dir(run_dir) / "reward_curve.png")

@@ -117,6 +117,18 @@ def clip_advantages(advantages: torch.Tensor, max_abs: float | None) -> torch.Te
     return advantages if max_abs is None else advantages.clamp(-max_abs, max_abs)
 
 
+def tied_groups(groups: Sequence[Hashable], rewards: torch.Tensor) -> torch.Tensor:
+    """For each entry, whether its group's rewards (this iteration's) are all equal: such a group says
+    nothing about which rollout was better, so ``ddpo.drop_tied_groups`` leaves it out of the update
+    (Flow-GRPO drops zero-advantage samples the same way) instead of letting it dilute the mean."""
+    values: dict[str, list[float]] = {}
+    keys = [str(g) for g in groups]
+    for key, reward in zip(keys, torch.as_tensor(rewards).reshape(-1).tolist()):
+        values.setdefault(key, []).append(reward)
+    tied = {key for key, v in values.items() if max(v) == min(v)}
+    return torch.tensor([key in tied for key in keys], dtype=torch.bool)
+
+
 def zero_advantage_group_share(groups: Sequence[Hashable], advantages: torch.Tensor, atol: float = 1e-6) -> float:
     """Share of groups (e.g. prompts) whose every advantage is ~0, i.e. that give no gradient.
 

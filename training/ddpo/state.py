@@ -84,36 +84,44 @@ def constant_schedule(optimizer):
 
 
 def save(run_dir, iteration: int, transformer, optimizer, scheduler, algo_state: dict, config: dict,
-         keep: int) -> Path:
+         keep: int, ema=None) -> Path:
     """``<run>/checkpoints/step_<iteration>`` (the trainer's atomic format); ``algo_state`` (baseline,
-    per-prompt statistics) rides in its state.json."""
+    per-prompt statistics) rides in its state.json, the EMA (when on) in its own file."""
     return save_checkpoint(run_dir, TrainState(step=iteration), transformer, optimizer, scheduler,
-                           {"ddpo": config, "algo_state": algo_state}, keep)
+                           {"ddpo": config, "algo_state": algo_state}, keep, extra=ema.save if ema else None)
 
 
-def restore(path, transformer, optimizer, scheduler) -> tuple[int, dict]:
-    """Load a checkpoint into the model/optimizer; ``(iterations done, algo_state)``."""
+def restore(path, transformer, optimizer, scheduler, ema=None) -> tuple[int, dict]:
+    """Load a checkpoint into the model/optimizer (and EMA); ``(iterations done, algo_state)``."""
     state = load_checkpoint(path, transformer, optimizer, scheduler)
+    if ema is not None:
+        ema.load(path)
     saved = json.loads((Path(path) / "state.json").read_text())["config"]
     return state.step, saved["algo_state"]
 
 
-def snapshot(params, optimizer, baseline, tracker) -> dict:
+def snapshot(params, optimizer, baseline, tracker, ema=None) -> dict:
     """A copy (on the CPU) of everything an iteration's update changes, to put back on Ctrl-C."""
     import copy
 
     return {"params": [p.detach().to("cpu", copy=True) for p in params],
             "optimizer": _to_cpu(optimizer.state_dict()),
-            "baseline": copy.deepcopy(baseline.state_dict()), "tracker": copy.deepcopy(tracker.state_dict())}
+            "baseline": copy.deepcopy(baseline.state_dict()), "tracker": copy.deepcopy(tracker.state_dict()),
+            "ema": None if ema is None else ([s.detach().to("cpu", copy=True) for s in ema.model.shadow_params],
+                                             ema.model.optimization_step)}
 
 
 @torch.no_grad()
-def restore_snapshot(saved: dict, params, optimizer, baseline, tracker) -> None:
+def restore_snapshot(saved: dict, params, optimizer, baseline, tracker, ema=None) -> None:
     for p, value in zip(params, saved["params"]):
         p.copy_(value)
     optimizer.load_state_dict(saved["optimizer"])  # moves the state back to the parameters' device
     baseline.load_state_dict(saved["baseline"])
     tracker.load_state_dict(saved["tracker"])
+    if ema is not None:
+        shadows, ema.model.optimization_step = saved["ema"]
+        for s, value in zip(ema.model.shadow_params, shadows):
+            s.copy_(value)
 
 
 def _to_cpu(value):

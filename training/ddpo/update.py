@@ -19,6 +19,7 @@ from .objective import (
     clip_advantages,
     ddpo_loss,
     gaussian_kl,
+    tied_groups,
     zero_advantage_group_share,
 )
 from .policy import Policy
@@ -39,9 +40,14 @@ def compute_advantages(table: torch.Tensor, slots: list[Slot], keys: list[str], 
     if cfg.ddpo.advantage == "per_prompt":
         advantages = tracker.advantages(groups, rewards)
     advantages = clip_advantages(advantages, cfg.ddpo.adv_clip)
+    stats = {"zero_adv_groups": zero_advantage_group_share(groups, advantages), "baseline": baseline.value,
+             "adv_abs_mean": float(advantages.abs().mean())}
+    if cfg.ddpo.drop_tied_groups:  # NaN: left out of the update like an unjudged sample
+        tied = tied_groups(groups, rewards)
+        advantages = advantages.masked_fill(tied, float("nan"))
+        stats["dropped_tied"] = float(tied.float().mean())
     out[judged] = advantages
-    return out, {"zero_adv_groups": zero_advantage_group_share(groups, advantages), "baseline": baseline.value,
-                 "adv_abs_mean": float(advantages.abs().mean())}
+    return out, stats
 
 
 def policy_loss(logp_new, logp_old, advantages, clip_range: float, weight: float, kl=None, kl_weight: float = 0.0):

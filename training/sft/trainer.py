@@ -9,6 +9,7 @@ transformer) in the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, SFTConfig
 from ..data import BucketBatches, hold_out, load_manifest, write_skipped
+from ..ema import TrainableEMA
 from ..evaluation import sampler_config, validation_grid, validation_loss
 from ..files import cache_dir_for, file_digest
 from ..flow import FlowMatchingModel, draw_sigmas_and_noise, edit_weights
@@ -196,8 +198,12 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     optimizer, scheduler = build_optimizer(cfg, model)
     state = TrainState()
     fsdp = cfg.train.distributed == "fsdp"  # sharded weights: accelerate saves/loads the state (GPU only)
+    ema = TrainableEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                       cfg.train.ema_decay) if cfg.train.ema_decay else None
     if checkpoint is not None and not fsdp:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        if ema is not None:
+            ema.load(checkpoint)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     if checkpoint is not None and fsdp:
         state = load_sharded_checkpoint(accelerator, checkpoint, scheduler)
@@ -213,6 +219,10 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     def validate(step: int) -> float | None:
         if not val_indices:
             return None
+        with ema.swapped() if ema else contextlib.nullcontext():  # the weights that will be exported
+            return _validate(step)
+
+    def _validate(step: int) -> float:
         value = validation_loss(model, val_dataset, val_indices, cfg.train.seed, device=device)
         if main:
             metrics.write(step=step, val_loss=value)
@@ -227,7 +237,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
         if fsdp:
             save_sharded_checkpoint(accelerator, run_dir, state, scheduler, cfg.to_dict())
         elif main:
-            save_checkpoint(run_dir, state, model, optimizer, scheduler, cfg.to_dict(), cfg.run.keep_checkpoints)
+            save_checkpoint(run_dir, state, model, optimizer, scheduler, cfg.to_dict(), cfg.run.keep_checkpoints,
+                            extra=ema.save if ema else None)
         if barrier:
             accelerator.wait_for_everyone()
 
@@ -265,6 +276,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             lr = scheduler.get_last_lr()[0]
             with interrupts.deferred():  # the weights and the step counter move together
                 optimizer.step()
+                if ema is not None:
+                    ema.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step, state.epoch, state.position = state.step + 1, epoch, index + 1
@@ -304,8 +317,9 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
         checkpoint_now()
     val_loss = validate(state.step)
     full_state = accelerator.get_state_dict(wrapped) if fsdp else None  # a collective: every rank calls it
-    lora_path, transformer_dir = export(cfg, model, run_dir, base_fingerprint, main, state, world, len(dataset),
-                                        full_state)
+    with ema.swapped() if ema else contextlib.nullcontext():
+        lora_path, transformer_dir = export(cfg, model, run_dir, base_fingerprint, main, state, world, len(dataset),
+                                            full_state)
     metrics.close()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.step, last_loss, val_loss, lora_path, transformer_dir,

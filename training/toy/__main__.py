@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
                    help="override a toy base recipe value (training/toy/base.py DEFAULT_RECIPE), e.g. "
                         "--recipe base_steps=20 for a smoke build; the base is then cached under its own name")
+    p.add_argument("--rebuild-base", action="store_true",
+                   help="build the toy base from its recipe instead of unpacking the shipped weights, and write "
+                        "them anew to training/toy/weights/ (~12 minutes on 2 cores)")
     p.add_argument("--sft-table", action="store_true", help="also train one SFT LoRA per layout and print base vs SFT")
     p.add_argument("--sft-config", type=Path, default=DEFAULT_SFT_CONFIG, help="SFT config (default: %(default)s)")
     p.add_argument("--sft-set", action="append", default=[], metavar="KEY=VALUE",
@@ -122,22 +125,26 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     # torch-heavy parts load when a stage runs: cached tables print in seconds
     from ..models import load_kontext
-    from .base import toy_base
+    from .base import ship, single_world, toy_base
 
     started = time.perf_counter()
     progress = not args.quiet
     try:
         recipe = parse_recipe(args.recipe)
+        if args.rebuild_base and recipe:
+            raise ValueError("--rebuild-base rebuilds the shipped base, which is the default recipe's; leave out --recipe")
         generate_world(args.out / "world", args.seed, args.train, args.test, size=args.size, tasks=TASKS,
                        progress=progress)
-        base = toy_base(args.cache_dir, progress=progress, **recipe)
+        base = toy_base(args.cache_dir, progress=progress, force=args.rebuild_base, **recipe)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.rebuild_base:
+        print(f"rebuilt the toy base from its recipe; shipped files written to {ship(base)} (commit them)")
     manifest, evals = args.out / "world" / "manifest.jsonl", args.out / "evals"
     info = json.loads((base / "dualref.json").read_text())
     bundle = functools.lru_cache(maxsize=1)(lambda: load_kontext(base))  # loaded only if an eval is not cached
-    single = evaluate(base, Path(info["world"]) / "manifest.jsonl", evals, layout="diagonal",
+    single = evaluate(base, single_world(info, progress), evals, layout="diagonal",
                       judge_mode=args.judge_mode, bundle=bundle, progress=progress)
     base_evals = {layout: evaluate(base, manifest, evals, layout=layout, judge_mode=args.judge_mode, bundle=bundle,
                                    progress=progress, with_samples=True) for layout in args.layouts}

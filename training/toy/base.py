@@ -9,7 +9,12 @@ The first call takes minutes and shows progress; later calls return the folder a
 interrupted build resumes (the VAE and the pretraining from their last checkpoints). Concurrent callers wait on
 a file lock instead of building twice.
 
-    python -m training.toy.base [--cache-dir DIR]
+The default recipe's base also ships with the pack (``training/toy/weights/``, half precision, as
+Kontext-dev ships from its makers): with the default recipe ``toy_base()`` unpacks it into the cache in
+a second instead of building it. ``python -m training.toy --rebuild-base`` builds it from the recipe
+and writes those files anew; a test checks that they carry the current recipe's key.
+
+    python -m training.toy.base [--cache-dir DIR] [--force]
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ from .world import ALL_TASKS, WORLD_VERSION, generate_world, make_sample
 
 log = logging.getLogger(__name__)
 
+SHIPPED = Path(__file__).parent / "weights"  # the default recipe's base, as the pack ships it
+SHIPPED_DTYPE = torch.float16  # fp16 keeps 10 mantissa bits (bf16: 7); the toy's weights are far from its range
 RECIPE_VERSION = 3  # bumped when the recipe changes what a key would not show; history in docs/recipes.md
 # One build is the first stage of the main job; why each value is what it is: docs/recipes.md.
 DEFAULT_RECIPE = {
@@ -197,12 +204,12 @@ def toy_base(cache_dir=None, *, progress: bool = True, force: bool = False, **ov
             shutil.rmtree(final, ignore_errors=True)
         if _complete(final):  # another process built it while we waited
             return final
+        if not force and shipped_key() == key:
+            return unpack_shipped(final)
         start = time.perf_counter()
         work = cache / f".toy-base-{key}.work"
         world = cache / f"toy-world-single-s{recipe['seed']}-{recipe['size']}px-{recipe['single_train']}-{recipe['single_test']}"
-        generate_world(world, recipe["seed"], train=0, test=0, single_train=recipe["single_train"],
-                       single_test=recipe["single_test"], size=recipe["size"], tasks=("single_edit",),
-                       progress=progress)
+        single_world({"recipe": recipe, "world": str(world)}, progress)
         if not (work / "dualref.json").is_file():
             shutil.rmtree(work, ignore_errors=True)
             build_folder(work, cache, recipe, progress)
@@ -220,6 +227,82 @@ def toy_base(cache_dir=None, *, progress: bool = True, force: bool = False, **ov
         os.replace(work, final)
         log.info("toy base ready at %s (%.0f s)", final, settings["build_seconds"])
     return final
+
+
+def shipped_key(folder: Path | None = None) -> str | None:
+    """The recipe key the shipped base was built with (None when there is none)."""
+    try:
+        return json.loads(((folder or SHIPPED) / "dualref.json").read_text())["recipe_key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.safetensors") if p.relative_to(folder).parts[0] != "pretrain")
+
+
+def _recast(src: Path, dst: Path, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(dst), metadata)
+
+
+def unpack_shipped(final: Path, source: Path | None = None) -> Path:
+    """The shipped base as a loadable folder ``final``: its files copied, the weights cast back to fp32
+    (the dtype the toy runs in, so the folder is what a build would give, up to fp16 rounding)."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source or SHIPPED, tmp, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in _weight_files(tmp):
+        _recast(path, path, torch.float32)
+    settings = json.loads((tmp / "dualref.json").read_text())
+    # the single_edit world the base was pretrained on, regenerated here when a tool asks for it
+    settings["world"] = str(final.parent / settings["world"])
+    (tmp / "dualref.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    log.info("toy base: unpacked the shipped weights (recipe %s) into %s", settings["recipe_key"], final)
+    return final
+
+
+def ship(folder: Path, target: Path | None = None) -> Path:
+    """Write the built base ``folder`` as the shipped files: configs, tokenizers, weights in
+    ``SHIPPED_DTYPE``; the fingerprints recorded are those of the folder :func:`unpack_shipped` makes."""
+    import tempfile
+
+    target = target or SHIPPED
+    settings = json.loads((folder / "dualref.json").read_text())
+    if not settings.get("complete"):
+        raise ValueError(f"{folder} is not a finished toy base")
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folder, tmp, ignore=shutil.ignore_patterns("pretrain", "__pycache__"))
+    for path in _weight_files(tmp):
+        _recast(path, path, SHIPPED_DTYPE)
+    recipe = settings["recipe"]
+    settings.update(recipe_key=recipe_key(recipe), shipped_dtype=str(SHIPPED_DTYPE).removeprefix("torch."),
+                    world=Path(settings["world"]).name)
+    (tmp / "dualref.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
+    with tempfile.TemporaryDirectory() as scratch:  # the fingerprints of what users will load
+        bundle = load_kontext(unpack_shipped(Path(scratch) / "base", tmp))
+        settings.update(fingerprint=bundle.fingerprint("transformer"), base_fingerprint=bundle.base_fingerprint())
+    (tmp / "dualref.json").write_text(json.dumps(settings, indent=1, sort_keys=True))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def single_world(info: dict, progress: bool = True) -> Path:
+    """The manifest of the single_edit world the base was pretrained on (generated when missing)."""
+    recipe, world = info["recipe"], Path(info["world"])
+    generate_world(world, recipe["seed"], train=0, test=0, single_train=recipe["single_train"],
+                   single_test=recipe["single_test"], size=recipe["size"], tasks=("single_edit",),
+                   progress=progress)
+    return world / "manifest.jsonl"
 
 
 def resolve_model_path(path, cache_dir=None, **recipe):

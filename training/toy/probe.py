@@ -32,7 +32,7 @@ from ..data import to_uint8
 from ..evaluation import SampleOutput, applied_loras, by_bucket, cached_split, image_grid
 from ..flow import FlowMatchingModel
 from ..models import load_kontext
-from .base import toy_base
+from .base import single_world, toy_base
 
 CHECKS = {"presence": "placed", "appearance": "colour", "vacated": "vacated", "changed": "changed", "preserve": "kept"}
 DEFAULT_SIGMAS = (1.0, 0.9, 0.8, 0.6)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     if model is None:
 
         model = toy_base()
-    manifest = args.manifest or Path(json.loads((model / "dualref.json").read_text())["world"]) / "manifest.jsonl"
+    manifest = args.manifest or single_world(json.loads((model / "dualref.json").read_text()), progress=False)
     try:
         result = probe(model, manifest, sigmas=args.sigmas, shuffled=args.shuffled, lora=args.lora,
                        layout=args.layout, limit=args.limit, grid=args.grid)
