@@ -128,8 +128,9 @@ def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> "Image.Image":
 
 @torch.no_grad()
 def validation_grid(bundle, model: FlowMatchingModel, dataset: CachedDataset, indices, config: SamplerConfig,
-                    path, seed: int = 0) -> Path:
-    """Columns: reference 1, reference 2 (if any), target, sample; one row per held-out sample."""
+                    path, seed: int = 0) -> Path | None:
+    """Columns: reference 1, reference 2 (if any), target, sample; one row per held-out sample.
+    ``path`` None: sample only (the other processes of an FSDP run, whose forward is a collective)."""
     rows = []
     for chunk, images in sample_images(bundle, model.transformer, dataset, indices, model.layout, config, seed,
                                        model.gates(), batch_size=8):
@@ -140,6 +141,8 @@ def validation_grid(bundle, model: FlowMatchingModel, dataset: CachedDataset, in
                 tiles.append(to_uint8(load_pixels(record.target)))
             tiles.append(images[k])
             rows.append(tiles)
+    if path is None:
+        return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows).save(path)
