@@ -184,8 +184,9 @@ class HeadlessGenerator:
         cache = EmbeddingCache.for_bundle(cache_root, self.bundle)
         part = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
         if part[1] > 1:
-            [(entries, stats)] = encode_shared([(records, None)], self.bundle, cache, accelerator, max_pixels=self.max_pixels,
-                                               skip_bad=True, progress=self.progress, manifest=run.manifest)
+            [(entries, stats)] = encode_shared([(records, None)], self.bundle, cache, accelerator,
+                                               max_pixels=self.max_pixels, skip_bad=True, progress=self.progress,
+                                               manifest=run.manifest)
         else:
             entries, stats = prepare_cache(records, self.bundle, cache, max_pixels=self.max_pixels, skip_bad=True,
                                            progress=self.progress, manifest=run.manifest)
