@@ -89,7 +89,8 @@ def _fsdp_config(tmp_path, distributed: str, steps: int) -> Path:
 
 @pytest.mark.timeout(900)
 def test_fsdp_matches_ddp_and_an_interrupted_fsdp_run_resumes_to_the_same_lora(tmp_path):
-    """train.distributed=fsdp: FSDP2 shards each Flux block over two gloo processes, with the policy
+    """train.distributed=fsdp: FSDP2 shards each Flux block over two gloo processes (accelerate's own
+    FSDP2 path, which runtime.make_accelerator also gives CPU processes), with the policy
     of runtime.fsdp_mixed_precision (each parameter all-gathered in its own dtype: bf16 frozen base,
     fp32 LoRA; fp32 gradient reduction; the bf16 compute is the model's autocast, as under DDP).
 
@@ -108,8 +109,9 @@ def test_fsdp_matches_ddp_and_an_interrupted_fsdp_run_resumes_to_the_same_lora(t
     ddp, metrics_ddp = _run(_fsdp_config(tmp_path, "ddp", 6), tmp_path / "ddp", 2)
     config = _fsdp_config(tmp_path, "fsdp", 6)
     fsdp, metrics_fsdp = _run(config, tmp_path / "fsdp", 2)
-    state = json.loads((tmp_path / "fsdp" / "checkpoints" / "step_0000006" / "state.json").read_text())
-    assert state["sharded"]  # accelerate's FSDP state, not the DDP checkpoint
+    saved = tmp_path / "fsdp" / "checkpoints" / "step_0000006"
+    assert json.loads((saved / "state.json").read_text())["sharded"]
+    assert (saved / "pytorch_model_fsdp.bin").is_file()  # accelerate's FSDP save: the model was FSDP, not DDP
     assert (tmp_path / "fsdp" / "val" / "step_0000006.png").is_file()  # sampling with sharded weights
     assert max(float(v.abs().max()) for k, v in ddp.items() if "lora_B" in k) > 1e-3  # it trained
     largest_relative_difference(ddp, fsdp, 1e-5)

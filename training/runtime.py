@@ -39,7 +39,19 @@ def make_accelerator(distributed: str = "ddp", trackers=(), run_dir=None, timeou
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
             transformer_cls_names_to_wrap=FSDP_BLOCKS, mixed_precision_policy=fsdp_mixed_precision())
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if distributed == "fsdp" and accelerator.num_processes > 1 and not accelerator.is_fsdp2:
+        # accelerate turns a plugin into FSDP only while it first sets up its process-global state, and only for
+        # accelerator backends (state.py: MULTI_GPU, MULTI_XPU, ..., never MULTI_CPU): CPU processes, and a process
+        # whose state an earlier accelerator set up (the main job's, before its SFT stage), would get DDP. FSDP2
+        # itself runs on CPU/gloo too, so they take the same FSDP2 path (prepare, save_state, get_state_dict).
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+    return accelerator
 
 
 def fsdp_mixed_precision():
