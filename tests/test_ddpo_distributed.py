@@ -79,3 +79,53 @@ def test_ctrl_c_on_two_processes_saves_the_last_iteration_and_the_rerun_finishes
     assert rows[-1]["step"] == 6
     worst = largest_relative_difference(straight, resumed, 2e-3)
     print(f"interrupted at iteration {steps[-1]}; largest LoRA difference after the rerun: {worst:.3g}")
+
+
+def _verdicts(run: Path) -> dict:
+    """id -> (status, verdict without its latency) of an eval run folder (the latest line per id)."""
+    (folder,) = (run / "judge").iterdir()
+    lines = [json.loads(x) for x in (folder / "verdicts.jsonl").read_text().splitlines() if x.strip()]
+    return {r["id"]: (r["status"], {k: v for k, v in r["verdict"].items() if k != "latency_s"}) for r in lines}
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_share_the_final_evaluation_and_the_held_out_check(tmp_path):
+    """Each process samples (and, in the held-out check, judges) its share of the batches; the results
+    are gathered and the main process writes them. Batches are split whole (every other batch), so each
+    sample is computed in the batch one process would use, with its own sample_seed: the numbers are
+    equal, not close. Final table: the two-process run's own LoRAs, evaluated again by one process
+    (the run folder copied without eval/), give the same verdict for every sample and the same
+    summary.json. Held-out check: at step 0 both runs hold the same weights (the SFT LoRA merged, a
+    zero DDPO LoRA), so the 1- and 2-process checks are equal. After DDPO's update they are not
+    compared: 1- and 2-process rollouts differ by float rounding (test_two_gloo_processes_match_one)."""
+    import shutil
+
+    model, manifest, sft = micro_setup(tmp_path)
+    # eval.batch_size 1: four held-out tuples and four test samples make four batches, two per process
+    values = ddpo_values(model, manifest, sft, tmp_path / "unused", ddpo={"iterations": 1},
+                         data={"manifest": str(manifest), "max_pixels": 4096, "val_count": 4},
+                         eval={"grid_per_task": 1, "batch_size": 1})
+    config = tmp_path / "ddpo.json"
+    config.write_text(json.dumps(values))
+    _, rows_one = _run(config, tmp_path / "one", 1)
+    _, rows_two = _run(config, tmp_path / "two", 2)
+
+    start_one, start_two = rows_one[0], rows_two[0]
+    assert start_one["step"] == start_two["step"] == 0
+    assert start_two.pop("eval_per_rank") == [2, 2] and "eval_per_rank" not in start_one  # both did work
+    assert start_two == start_one and start_one["eval_n"] == 4
+    assert rows_two[-1]["eval_per_rank"] == [2, 2]  # the check after the last iteration too
+
+    again = tmp_path / "again"  # the two-process run's LoRAs, evaluated by one process
+    shutil.copytree(tmp_path / "two", again, ignore=shutil.ignore_patterns("eval", "summary.*", "table2.*"))
+    run_to_completion(_command(config, again, 1), REPO)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary == json.loads((again / "summary.json").read_text())
+    for name in ("base", "sft", "sft_ddpo"):
+        shared, single = tmp_path / "two" / "eval" / name, again / "eval" / name
+        assert _verdicts(shared) == _verdicts(single) and len(_verdicts(shared)) == 4, name
+        for png in (single / "outputs").iterdir():
+            assert (shared / "outputs" / png.name).read_bytes() == png.read_bytes(), (name, png.name)
+        lines = [json.loads(x) for x in (shared / "generated.jsonl").read_text().splitlines()]
+        assert sorted(r["rank"] for r in lines) == [0, 0, 1, 1], name  # each process made two outputs
+        assert all("rank" not in json.loads(x) for x in (single / "generated.jsonl").read_text().splitlines())

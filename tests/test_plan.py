@@ -192,3 +192,29 @@ def test_savers_accounting_and_the_fit_table(capsys):
     assert len(rows) == 3 * 2 * 2 * 2  # rank x size x base x optimizer; checkpointing in the columns
     assert "| 16 | 512² | fp8 | 8-bit AdamW | " in table and "(24, 48, 80) |" in rows[3]
     assert rows[16].startswith("| 512 | 512² | bf16 | AdamW | ") and "(none)" in rows[16]
+
+
+# -- the shipped SFT config as the trainer runs it (issue 17 item 4) ------------------------------------
+
+def test_the_shipped_sft_config_is_planned_as_the_trainer_runs_it_with_15_percent_headroom(capsys):
+    """kontext_sft.json on 8 x 80 GiB: the planner reads its rank, budget, precision, checkpointing and
+    DDP/FSDP; under FSDP the peak is the load (every GPU holds the whole bf16 transformer and the fp32
+    LoRA before accelerate shards them), and it leaves at least 15 % of the GPU free, which DDP would not."""
+    from pathlib import Path
+
+    from training.config import load_config
+    from training.memory.cli import SHIPPED, config_setting
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / SHIPPED)
+    s = config_setting(SHIPPED)
+    assert (s.fsdp, s.checkpointing, s.rank, s.precision) == (
+        cfg.train.distributed == "fsdp", cfg.train.gradient_checkpointing, cfg.lora.rank, cfg.train.precision)
+    result = estimate(s)
+    assert result["headroom"] >= 0.15 and result["fits"]
+    assert result["peak"] == max(result["load"].values()) > result["total"]
+    assert "autocast bf16 weight copies" in result["parts"]  # the trainer's autocast runs under FSDP too
+    assert result["trainable_params"] == estimate(PAPER)["trainable_params"]  # its target names, the same LoRA
+    assert estimate(dataclasses.replace(s, fsdp=False))["headroom"] < 0.15
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert SHIPPED in out and f"headroom {100 * result['headroom']:.0f} %" in out

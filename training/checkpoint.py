@@ -126,7 +126,7 @@ def load_checkpoint(path, module, optimizer, scheduler) -> TrainState:
 
 def save_sharded_checkpoint(accelerator, run_dir, state: TrainState, scheduler, config: dict) -> Path:
     """FSDP: accelerate writes the sharded model/optimizer/RNG state; we add the data position. Every
-    rank calls this; the folder is renamed into place when all ranks are done. (Untested on CPU.)"""
+    rank calls this; the folder is renamed into place when all ranks are done."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{state.step:07d}", root / f".tmp-step_{state.step:07d}"
     accelerator.save_state(str(tmp))

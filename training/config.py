@@ -122,7 +122,7 @@ class TrainConfig:
     # none | int8 | fp8: the frozen base's linear weights quantised (torchao, per row) under the LoRA; one
     # process, train.mode=lora, train.precision=bf16. fp8 needs compute capability 8.9+ on a GPU.
     base_quant: str = "none"
-    distributed: str = "ddp"  # ddp | fsdp (fsdp: for full-model training across GPUs)
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2, each Flux block sharded: runtime.fsdp_mixed_precision)
     seed: int = 0
     layout: str = "diagonal"  # dual_rope method: diagonal | offset | index | uxo
     guidance: float | None = None  # None: the model's default (dualref.json train.guidance)

@@ -93,12 +93,16 @@ def sample_batch(transformer, batch, layout: str, config: SamplerConfig, seeds, 
 
 
 def sample_images(bundle, transformer, dataset: CachedDataset, indices, layout: str, config: SamplerConfig,
-                  seed: int, gates=None, *, batch_size: int = 16, progress: bool = False, desc: str = "sampling"):
+                  seed: int, gates=None, *, batch_size: int = 16, progress: bool = False, desc: str = "sampling",
+                  part: tuple[int, int] = (0, 1)):
     """Yield ``(chunk, images)``: ODE samples of ``indices`` in equal-shape batches, decoded to HxWx3
-    uint8, sample ``i`` seeded by :func:`sample_seed` (seed, i), on the bundle's device."""
+    uint8, sample ``i`` seeded by :func:`sample_seed` (seed, i), on the bundle's device.
+
+    ``part=(rank, processes)``: every ``processes``-th of the batches one process would sample, from
+    the ``rank``-th: the same batches, so each output is the one a single process makes."""
     from tqdm import tqdm
 
-    chunks = by_bucket(dataset, indices, batch_size)
+    chunks = by_bucket(dataset, indices, batch_size)[part[0]::part[1]]
     for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not progress):
         with torch.no_grad():
             latents = sample_batch(transformer, dataset.batch(chunk), layout, config,
@@ -124,8 +128,9 @@ def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> "Image.Image":
 
 @torch.no_grad()
 def validation_grid(bundle, model: FlowMatchingModel, dataset: CachedDataset, indices, config: SamplerConfig,
-                    path, seed: int = 0) -> Path:
-    """Columns: reference 1, reference 2 (if any), target, sample; one row per held-out sample."""
+                    path, seed: int = 0) -> Path | None:
+    """Columns: reference 1, reference 2 (if any), target, sample; one row per held-out sample.
+    ``path`` None: sample only (the other processes of an FSDP run, whose forward is a collective)."""
     rows = []
     for chunk, images in sample_images(bundle, model.transformer, dataset, indices, model.layout, config, seed,
                                        model.gates(), batch_size=8):
@@ -136,6 +141,8 @@ def validation_grid(bundle, model: FlowMatchingModel, dataset: CachedDataset, in
                 tiles.append(to_uint8(load_pixels(record.target)))
             tiles.append(images[k])
             rows.append(tiles)
+    if path is None:
+        return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows).save(path)

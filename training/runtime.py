@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +34,47 @@ def make_accelerator(distributed: str = "ddp", trackers=(), run_dir=None, timeou
     if trackers:
         kwargs.update(log_with=list(trackers), project_dir=str(tracking_dir(run_dir)))
     if distributed == "fsdp":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.distributed=fsdp needs GPUs; use ddp on CPU")
         from accelerate import FullyShardedDataParallelPlugin
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
-            transformer_cls_names_to_wrap=FSDP_BLOCKS)
-    return Accelerator(**kwargs)
+            transformer_cls_names_to_wrap=FSDP_BLOCKS, mixed_precision_policy=fsdp_mixed_precision())
+    accelerator = Accelerator(**kwargs)
+    if distributed == "fsdp" and accelerator.num_processes > 1 and not accelerator.is_fsdp2:
+        # accelerate turns a plugin into FSDP only while it first sets up its process-global state, and only for
+        # accelerator backends (state.py: MULTI_GPU, MULTI_XPU, ..., never MULTI_CPU): CPU processes, and a process
+        # whose state an earlier accelerator set up (the main job's, before its SFT stage), would get DDP. FSDP2
+        # itself runs on CPU/gloo too, so they take the same FSDP2 path (prepare, save_state, get_state_dict).
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = kwargs["fsdp_plugin"]
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+    return accelerator
+
+
+def fsdp_mixed_precision():
+    """FSDP2's policy for a frozen bf16 base with trainable fp32 LoRA (or an all-fp32 full model): each
+    parameter is all-gathered in the dtype it is stored in (``param_dtype=None``), so the base moves as
+    bf16 and the LoRA keeps its fp32 master values; gradients (the LoRA's, all fp32) are reduced in fp32.
+    The bf16 compute is the model's own autocast, as under DDP, so both run the same arithmetic.
+    ``param_dtype=bf16`` would also cast every block's floating inputs (``cast_forward_inputs``) and
+    the learned gates, which DDP does not. FSDP2 needs one dtype among a block's *trainable*
+    parameters only (``FSDPParamGroup._init_mp_dtypes``): fp32 LoRA beside a bf16 base is allowed."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def gather_objects(accelerator, items: list) -> list:
+    """Every process's ``items`` (picklable), concatenated in rank order, on every process; with one
+    process (or no accelerator) ``items`` itself."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
 
 
 def spread(count: int, wanted: int) -> list[int]:

@@ -244,12 +244,27 @@ def judge_modes(judging: Judging, judges, mode=None) -> list[tuple[str, str]]:
 
 
 def bench_run(run: RunDir, selected, manifest: Path, generator, label: str, judges, judging: Judging, split: str,
-              mode=None) -> dict:
-    """Generate what is missing, judge it with every ``(profile, mode)``, return ``{<profile>-<mode>: summary}``."""
-    run.prepare(selected, manifest, generator.identity(), label, {"generator": generator.describe(), "split": split})
-    counts = generate_missing(run, selected, generator)
+              mode=None, accelerator=None) -> dict:
+    """Generate what is missing, judge it with every ``(profile, mode)``, return ``{<profile>-<mode>: summary}``.
+
+    ``accelerator`` with several processes (every one calls this): the main process prepares the folder,
+    each generates its share of the batches (:func:`generate_missing`), the main one judges them all
+    (the judge profile's rate is the limit there, not the processes) and the others return ``{}``."""
+    main = accelerator is None or accelerator.is_main_process
+    sharded = accelerator is not None and accelerator.num_processes > 1
+    args = (selected, manifest, generator.identity(), label, {"generator": generator.describe(), "split": split})
+    if main:
+        run.prepare(*args)
+    if sharded:
+        accelerator.wait_for_everyone()
+        if not main:
+            run.prepare(*args, write=False)
+    counts = generate_missing(run, selected, generator, accelerator if sharded else None)
+    if not main:
+        return {}
+    shares = f", per process {counts['per_rank']}" if sharded else ""
     print(f"[{label}] outputs: {counts['generated']} generated, {counts['reused']} reused, "
-          f"{counts['errors']} generator errors ({counts['seconds']:.1f} s)")
+          f"{counts['errors']} generator errors ({counts['seconds']:.1f} s{shares})")
     summaries = {}
     for profile, judge_mode in judges:
         summary = run.judge(profile, judge_mode, mode or judging.mode, judging.config, judging.concurrency,

@@ -36,23 +36,42 @@ class GenResult:
     seconds: float
 
 
-def generate_missing(run: RunDir, selected: list[Selected], generator) -> dict:
-    """Generate the outputs ``run`` lacks; existing ones are kept as they are. Returns counts."""
+def generate_missing(run: RunDir, selected: list[Selected], generator, accelerator=None) -> dict:
+    """Generate the outputs ``run`` lacks; existing ones are kept as they are. Returns counts.
+
+    ``accelerator`` with several processes (the headless generator): each process generates its share
+    of the batches and saves those outputs; the main process writes every generation line (each with
+    its ``rank``) and the counts are of all processes, ``per_rank`` how many each one did."""
+    sharded = accelerator is not None and accelerator.num_processes > 1
     have = run.output_ids()
     todo = [s for s in selected if s.id not in have]
     counts = {"reused": len(selected) - len(todo), "generated": 0, "errors": 0}
     start = time.perf_counter()
-    for result in generator.generate(todo, run) if todo else ():
+    if sharded:
+        accelerator.wait_for_everyone()  # every process read the same outputs before any is written
+    rank = accelerator.process_index if sharded else None
+    lines = []
+    for result in generator.generate(todo, run, **({"accelerator": accelerator} if sharded else {})) if todo else ():
         error = result.error
         if error is None:
             try:
                 run.save_output(result.selected.id, result.image)
             except (OSError, ValueError) as e:
                 error = f"could not save the output ({e})"
-        run.log_generation(result.selected, generator.kind, error, result.seconds)
+        lines.append(run.log_generation(result.selected, generator.kind, error, result.seconds, rank))
         counts["generated" if error is None else "errors"] += 1
         if error is not None:
             log.warning("no output for %s: %s", result.selected.id, error)
+    if sharded:
+        from ..runtime import gather_objects  # torch-heavy: see HeadlessGenerator.__init__
+
+        lines = gather_objects(accelerator, lines)
+        if accelerator.is_main_process:
+            for line in lines:
+                run.append_generation(line)
+        counts["per_rank"] = gather_objects(accelerator, [counts["generated"] + counts["errors"]])
+        counts["generated"] = sum(line["status"] == "ok" for line in lines)
+        counts["errors"] = len(lines) - counts["generated"]
     counts["seconds"] = round(time.perf_counter() - start, 2)
     return counts
 
@@ -137,11 +156,14 @@ class HeadlessGenerator:
                          for k in range(max(len(prev), len(new)))]
         return gates
 
-    def generate(self, todo: list[Selected], run: RunDir) -> Iterator[GenResult]:
+    def generate(self, todo: list[Selected], run: RunDir, accelerator=None) -> Iterator[GenResult]:
+        """``accelerator`` with several processes: every process is given the same ``todo``, encodes
+        its share of what the cache lacks and samples every ``processes``-th batch (the batches one
+        process would make, so the outputs are the same)."""
         import torch
         from tqdm import tqdm
 
-        from ..cache import CachedDataset, EmbeddingCache, prepare_cache  # torch-heavy: see __init__
+        from ..cache import CachedDataset, EmbeddingCache, encode_shared, prepare_cache  # torch-heavy: see __init__
         from ..data import Record, check_image, to_uint8
         from ..evaluation import applied_loras, by_bucket, sample_batch
 
@@ -160,12 +182,18 @@ class HeadlessGenerator:
             return
         cache_root = Path(self.cache_dir) if self.cache_dir else run.root / ".cache"
         cache = EmbeddingCache.for_bundle(cache_root, self.bundle)
-        entries, stats = prepare_cache(records, self.bundle, cache, max_pixels=self.max_pixels, skip_bad=True,
-                                       progress=self.progress, manifest=run.manifest)
-        for index, reason in stats.failed or []:
+        part = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+        if part[1] > 1:
+            [(entries, stats)] = encode_shared([(records, None)], self.bundle, cache, accelerator,
+                                               max_pixels=self.max_pixels, skip_bad=True, progress=self.progress,
+                                               manifest=run.manifest)
+        else:
+            entries, stats = prepare_cache(records, self.bundle, cache, max_pixels=self.max_pixels, skip_bad=True,
+                                           progress=self.progress, manifest=run.manifest)
+        for index, reason in stats.failed if part[0] == 0 and stats.failed else []:  # reported once
             yield GenResult(by_index[index], None, reason, 0.0)
         dataset = CachedDataset(entries, cache)
-        chunks = by_bucket(dataset, range(len(dataset)), self.batch_size)
+        chunks = by_bucket(dataset, range(len(dataset)), self.batch_size)[part[0]::part[1]]
         transformer = self.bundle.transformer
         with applied_loras(transformer, [(p, s) for p, s, _ in self.loras]):
             for chunk in tqdm(chunks, desc=f"generating ({self.layout})", unit="batch", disable=not self.progress):

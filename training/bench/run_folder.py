@@ -99,8 +99,15 @@ class RunDir:
         self._log = VerdictLog(self.generated)  # same append-only, fsynced, last-line-wins JSONL
 
     # -- setup --------------------------------------------------------------------------------------
-    def prepare(self, selected: list[Selected], source_manifest, identity: dict, label: str, extra=None) -> None:
-        """Write the run's manifest and run.json; refuse to mix outputs of another generator setting."""
+    def prepare(self, selected: list[Selected], source_manifest, identity: dict, label: str, extra=None,
+                write: bool = True) -> None:
+        """Write the run's manifest and run.json; refuse to mix outputs of another generator setting.
+        ``write=False`` (the other processes of a sharded run, after the main one prepared the folder):
+        only make ``selected``'s paths relative to the run, as the written manifest has them."""
+        if not write:
+            for s, rewritten in zip(selected, self._run_samples(selected, source_manifest)):
+                s.sample = rewritten
+            return
         info = self.info()
         unverified = sorted(k for k, v in (identity.get("files") or {}).items() if v.get("unverified"))
         if unverified and self.output_ids():
@@ -122,13 +129,7 @@ class RunDir:
                     old.rename(old.with_name(f"{old.name}.stale-{stamp}"))
                     log.warning("settings changed: moved %s aside (%s.stale-%d)", old, old.name, stamp)
         source = Path(source_manifest)
-
-        def rel(p: str) -> str:  # manifest-relative -> run-relative (absolute paths stay absolute)
-            return p if Path(p).is_absolute() else _relative(source.parent / p, self.root)
-
-        samples = [Sample(s.sample.id, s.sample.task, [rel(p) for p in s.sample.images], s.sample.instruction,
-                          rel(s.sample.target) if s.sample.target else None, s.sample.plan, s.sample.split)
-                   for s in selected]
+        samples = self._run_samples(selected, source)
         self.root.mkdir(parents=True, exist_ok=True)
         self.outputs.mkdir(exist_ok=True)
         write_manifest(self.manifest, samples)
@@ -137,6 +138,16 @@ class RunDir:
         write_json_atomic(self.info_path, {**(info or {}), **(extra or {}), "label": label, "identity": identity,
                                            "source_manifest": str(source.resolve()), "samples": len(selected),
                                            "tasks": sorted({s.sample.task for s in selected})})
+
+    def _run_samples(self, selected: list[Selected], source_manifest) -> list[Sample]:
+        source = Path(source_manifest)
+
+        def rel(p: str) -> str:  # manifest-relative -> run-relative (absolute paths stay absolute)
+            return p if Path(p).is_absolute() else _relative(source.parent / p, self.root)
+
+        return [Sample(s.sample.id, s.sample.task, [rel(p) for p in s.sample.images], s.sample.instruction,
+                       rel(s.sample.target) if s.sample.target else None, s.sample.plan, s.sample.split)
+                for s in selected]
 
     def info(self) -> dict:
         try:
@@ -188,10 +199,21 @@ class RunDir:
         return path
 
     # -- generation log -----------------------------------------------------------------------------
-    def log_generation(self, selected: Selected, generator: str, error: str | None, seconds: float) -> None:
-        self._log.append({"id": selected.id, "task": selected.sample.task, "seed": selected.seed,
-                          "generator": generator, "status": "ok" if error is None else "error",
-                          "reason": error, "seconds": round(seconds, 4), "time": time.time()})
+    def log_generation(self, selected: Selected, generator: str, error: str | None, seconds: float,
+                       rank: int | None = None) -> dict:
+        """Append one line to generated.jsonl and return it; ``rank`` (a sharded run's process that
+        generated the sample): the line is only returned, for the main process to append."""
+        record = {"id": selected.id, "task": selected.sample.task, "seed": selected.seed,
+                  "generator": generator, "status": "ok" if error is None else "error",
+                  "reason": error, "seconds": round(seconds, 4), "time": time.time()}
+        if rank is None:
+            self._log.append(record)
+        else:
+            record["rank"] = rank
+        return record
+
+    def append_generation(self, record: dict) -> None:
+        self._log.append(record)
 
     def generation_records(self) -> dict[str, dict]:
         return self._log.records()

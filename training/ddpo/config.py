@@ -112,7 +112,7 @@ class EvalConfig:
     mode: str | None = "binary"  # the paper's table; None: the profile's
     limit_per_task: int | None = None
     grid_per_task: int = 2  # test samples per task in grid.png
-    batch_size: int = 16
+    batch_size: int = 16  # ODE sampling batch here and in the held-out checks (data.val_count)
 
 
 @dataclass

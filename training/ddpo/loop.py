@@ -41,10 +41,10 @@ from ..cache import CachedDataset, EmbeddingCache, encode_shared
 from ..config import ConfigError
 from ..data import load_manifest, write_skipped
 from ..ema import TrainableEMA
-from ..evaluation import sample_images, sampler_config
+from ..evaluation import by_bucket, sample_images, sampler_config
 from ..files import cache_dir_for
 from ..models import PRECISIONS, load_model
-from ..runtime import MetricsLog, make_accelerator, spread, tracking_dir
+from ..runtime import MetricsLog, gather_objects, make_accelerator, spread, tracking_dir
 from . import state as ddpo_state
 from .config import DDPOConfig
 from .objective import PerPromptStatTracker, RewardBaseline
@@ -124,19 +124,34 @@ def build_policy(cfg: DDPOConfig, bundle):
 
 
 @torch.no_grad()
-def evaluate_held_out(policy: Policy, bundle, dataset, indices, judge_pool, make_request, config, seed: int) -> dict:
-    """ODE samples of the held-out training tuples, judged: the collapse / reward-hacking check."""
+def evaluate_held_out(policy: Policy, bundle, dataset, indices, judge_pool, make_request, config, seed: int,
+                      accelerator=None, batch_size: int = 16) -> dict:
+    """ODE samples of the held-out training tuples, judged: the collapse / reward-hacking check.
+
+    Each process samples and judges its share of the batches (:func:`sample_images`'s ``part``); the
+    answers are gathered in the order one process would have them, so the means are the same; with
+    several processes ``eval_per_rank`` says how many samples each one did."""
     policy.transformer.eval()
-    results = []
+    part = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine, futures = [], []
     for chunk, images in sample_images(bundle, policy.transformer, dataset, indices, policy.layout, config, seed,
-                                       policy.gates):
-        results.extend(judge_pool.submit(make_request(i, image, f"eval-{i}")) for i, image in zip(chunk, images))
-    verdicts = [v for v in collect(results) if not isinstance(v, Unjudged)]  # unjudged: left out, counted
+                                       policy.gates, batch_size=batch_size, part=part):
+        mine.extend(chunk)
+        futures.extend(judge_pool.submit(make_request(i, image, f"eval-{i}")) for i, image in zip(chunk, images))
+    # unjudged: None (left out of the means, counted)
+    answers = [(i, None if isinstance(v, Unjudged) else {q: getattr(v, q) for q in ("reward", *QUESTIONS)})
+               for i, v in zip(mine, collect(futures))]
+    extra = {}
+    if part[1] > 1:
+        every = dict(gather_objects(accelerator, answers))
+        answers = [(i, every[i]) for chunk in by_bucket(dataset, indices, batch_size) for i in chunk]
+        extra["eval_per_rank"] = gather_objects(accelerator, [len(mine)])
+    verdicts = [v for _, v in answers if v is not None]
     if not verdicts:
-        return {"eval_unjudged": len(results)}
-    out = {"eval_reward": sum(v.reward for v in verdicts) / len(verdicts), "eval_n": len(verdicts),
-           "eval_unjudged": len(results) - len(verdicts)}
-    out.update({f"eval_{q}": sum(getattr(v, q) for v in verdicts) / len(verdicts) for q in QUESTIONS})
+        return {"eval_unjudged": len(answers), **extra}
+    out = {"eval_reward": sum(v["reward"] for v in verdicts) / len(verdicts), "eval_n": len(verdicts),
+           "eval_unjudged": len(answers) - len(verdicts), **extra}
+    out.update({f"eval_{q}": sum(v[q] for v in verdicts) / len(verdicts) for q in QUESTIONS})
     return out
 
 
@@ -195,10 +210,10 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
 
     def held_out_check() -> dict:
         values = {}
-        if held_out and main:
+        if held_out:  # every process samples and judges its share
             with ema.swapped() if ema else contextlib.nullcontext():  # the weights that will be exported
                 values = evaluate_held_out(policy, bundle, dataset, held_out, judge_pool, make_request,
-                                           eval_config, cfg.run.seed)
+                                           eval_config, cfg.run.seed, accelerator, cfg.eval.batch_size)
         accelerator.wait_for_everyone()
         return values
 

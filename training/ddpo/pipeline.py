@@ -274,13 +274,12 @@ def run_pipeline(cfg: DDPOConfig, out: Path, accelerator=None) -> dict | None:
     stages.run("ddpo", not to_train, train_ddpo, cfg, accelerator=accelerator, bundle=bundle,
                sft_shown=user_sft)
     bundle = None  # evaluation loads its own model: not two transformers at once
-    summary = None
-    if main:
-        # torch-heavy stages load when they run: --help and a bad config answer at once
-        from .report import evaluate_and_report
+    # torch-heavy stages load when they run: --help and a bad config answer at once
+    from .report import evaluate_and_report
 
-        summary = stages.run("eval", False, evaluate_and_report, cfg, out, out / SFT_LORA, out / DDPO_LORA,
-                               accelerator.device)
+    # every process samples its share; the main one judges and writes the tables (the others get None)
+    summary = stages.run("eval", False, evaluate_and_report, cfg, out, out / SFT_LORA, out / DDPO_LORA,
+                         accelerator.device, accelerator)
     accelerator.wait_for_everyone()
     return summary
 

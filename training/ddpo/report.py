@@ -28,10 +28,15 @@ log = logging.getLogger(__name__)
 MODELS = (("base", "Base"), ("sft", "SFT"), ("sft_ddpo", "SFT+DDPO"))
 
 
-def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: Path, device="cpu") -> dict:
+def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: Path, device="cpu",
+                        accelerator=None) -> dict | None:
     """Generate and judge the three models (reusing whatever an earlier run already made), write
     ``summary.json`` / ``summary.md`` / ``report.html`` / ``grid.png`` / ``reward_curve.png``, print
-    the table, return ``summary.json``'s content. Runs on ``device`` in the run's precision."""
+    the table, return ``summary.json``'s content. Runs on ``device`` in the run's precision.
+
+    With an ``accelerator`` of several processes every process calls this and samples its share of
+    the batches (:func:`training.bench.cli.bench_run`); the main process judges, writes the files and
+    returns the summary, the others return None."""
 
     e = cfg.eval
     manifest = Path(cfg.data.manifest)
@@ -49,8 +54,11 @@ def evaluate_and_report(cfg: DDPOConfig, out: Path, sft_lora: Path, ddpo_lora: P
                                       progress=cfg.run.progress)
         selected = select_samples(manifest, e.split, tasks, e.limit_per_task, seed=0)
         run = RunDir(out / "eval" / name)
-        results[name] = (label, bench_run(run, selected, manifest, generator, label, judges, judging, e.split), run)
+        results[name] = (label, bench_run(run, selected, manifest, generator, label, judges, judging, e.split,
+                                          accelerator=accelerator), run)
         runs.append(run)
+    if accelerator is not None and not accelerator.is_main_process:
+        return None
     key = f"{judges[0][0]}-{judges[0][1]}"
     summary = {name: table2_dict(summaries[key]) for name, (_, summaries, _) in results.items()}
     tables = compare_tables([(label, summaries) for label, summaries, _ in results.values()])

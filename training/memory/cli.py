@@ -9,10 +9,19 @@ machines.
 
 Assumptions:
 
-- ``bf16``: frozen base in bf16. Without FSDP, LoRA master weights, gradients and AdamW states in
-  fp32 under bf16 autocast (diffusers' training scripts). With FSDP (FSDP2-style per-parameter
-  sharding, ``MixedPrecisionPolicy(param_dtype=bf16)``): every shard divided by the world size, plus
-  two unsharded bf16 blocks (the one computing and the one prefetched), no autocast copies.
+- ``bf16``: frozen base in bf16; LoRA master weights, gradients and AdamW states in fp32 under bf16
+  autocast (diffusers' training scripts, and ours with DDP and FSDP alike). With FSDP (the trainer's
+  FSDP2, ``training.runtime.fsdp_mixed_precision``: each parameter all-gathered in its own dtype):
+  every shard divided by the world size, plus two unsharded blocks, bf16 base + fp32 LoRA (the one
+  computing and the one prefetched), and a block's fp32 gradients; autocast's bf16 copies of the
+  LoRA weights are kept until backward as without FSDP.
+- Loading (``load``): every process builds the whole model on its GPU before anything is sharded, as
+  ``training.sft.trainer.train`` does: the cache is encoded first (T5-XXL + CLIP-L in the base
+  precision and the fp32 VAE; the encoders are released after, the VAE stays for validation samples;
+  nothing is loaded when the cache is complete), then the transformer is read whole in the base
+  precision and the LoRA added in fp32; ``accelerator.prepare`` shards it only then (FSDP), while
+  the optimizer still holds the whole fp32 LoRA beside its new shards. The plan's ``peak`` is the
+  larger of the loading and training peaks.
 - ``fp32``: everything fp32.
 - DDP (no FSDP, world size > 1) keeps a bucket copy of the gradients (PyTorch's default).
 - ``--base-quant int8|fp8`` (``train.base_quant``, one GPU, bf16): the frozen linear weights at one byte
@@ -72,6 +81,7 @@ class Setting:
     base_quant: str = "none"  # none | int8 | fp8 (train.base_quant)
     gpu_gib: float = 80.0
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+    vae: bool = False  # the fp32 VAE stays on the GPU during training (the trainer keeps it for validation samples)
 
     def tokens(self) -> Tokens:
         image = image_tokens(*self.output) + sum(image_tokens(h, w) for h, w in self.references)
@@ -109,14 +119,14 @@ def estimate(s: Setting) -> dict:
     parts["trainable weights (fp32 master)"] = trainable * 4 / shards
     parts["gradients (fp32)"] = trainable * 4 / shards
     parts[f"optimizer states ({s.optimizer})"] = trainable * OPTIMIZER_BYTES[s.optimizer] / shards
-    if s.fsdp and s.world_size > 1:
-        unit = counts["largest_block"] + counts["lora_largest_block"]
-        parts["FSDP unsharded blocks (2, bf16) + grad buffer"] = 2 * unit * base_b + (
+    if s.fsdp and s.world_size > 1:  # each parameter all-gathered in its own dtype (fsdp_mixed_precision)
+        unit = (counts["largest_block"] * (4 if s.full_finetune else base_b) + counts["lora_largest_block"] * 4)
+        parts["FSDP unsharded blocks (2: base + fp32 LoRA) + grad buffer"] = 2 * unit + (
             counts["largest_block"] if s.full_finetune else counts["lora_largest_block"]) * 4
     elif s.world_size > 1:
         parts["DDP gradient buckets"] = trainable * 4
     dims = Dims(counts["width"], counts["heads"], counts["double"], counts["single"], rank)
-    copies = s.precision == "bf16" and not (s.fsdp and s.world_size > 1)  # autocast over fp32 weights
+    copies = s.precision == "bf16"  # autocast over fp32 trainable weights, with and without FSDP
     act = activation_peak(s.tokens(), dims, base_b, copies, s.checkpointing, s.batch, trainable)
     parts["activations (saved for backward)"] = act["saved"]
     if act["weight copies"]:
@@ -127,12 +137,34 @@ def estimate(s: Setting) -> dict:
     if s.encoders == "resident":
         frozen_models = frozen_model_counts()
         parts["T5-XXL + CLIP-L + VAE (resident)"] = sum(frozen_models.values()) * base_b
+    if s.vae:
+        parts["VAE (fp32, kept for validation samples)"] = frozen_model_counts()["vae"] * 4
     activations = act["saved"] + act["weight copies"] + act["working"]
     parts["CUDA context, workspaces, fragmentation"] = OVERHEAD_GIB * GIB + 0.1 * activations
     total = sum(parts.values())
-    return dict(setting=dataclasses.asdict(s), description=s.describe(), parts=parts, total=total,
-                fits=total <= s.gpu_gib * GIB, trainable_params=trainable, base_params=counts["base"],
-                tokens=dataclasses.asdict(s.tokens()))
+    load = load_phases(s, counts)
+    peak = max(total, *load.values())
+    return dict(setting=dataclasses.asdict(s), description=s.describe(), parts=parts, total=total, load=load,
+                peak=peak, headroom=1 - peak / (s.gpu_gib * GIB), fits=peak <= s.gpu_gib * GIB,
+                trainable_params=trainable, base_params=counts["base"], tokens=dataclasses.asdict(s.tokens()))
+
+
+def load_phases(s: Setting, counts: dict) -> dict:
+    """Bytes per GPU while the trainer builds its model (module docstring, "Loading"), by phase."""
+    frozen = frozen_model_counts()
+    base_b = 2 if s.precision == "bf16" else 4
+    overhead = OVERHEAD_GIB * GIB
+    vae = frozen["vae"] * 4
+    # full fine-tuning loads the transformer in fp32 (its master weights); a LoRA run in the base precision
+    whole = counts["base"] * 4 if s.full_finetune else counts["base"] * base_b + counts["lora"] * 4
+    trainable = counts["base"] if s.full_finetune else counts["lora"]
+    text_b = 4 if s.full_finetune else base_b  # full fine-tuning loads every component in fp32
+    phases = {"encoding the cache (text encoders + VAE)": (frozen["t5"] + frozen["clip"]) * text_b + vae + overhead}
+    if s.base_quant != "none":  # quantised after the bf16 base is whole on the GPU
+        whole = counts["base"] * base_b + counts["lora"] * 4
+    sharding = trainable * 4 / s.world_size if s.fsdp and s.world_size > 1 else 0
+    phases["whole model on every GPU" + (", being sharded" if sharding else "")] = whole + sharding + vae + overhead
+    return phases
 
 
 PAPER = Setting()
@@ -179,11 +211,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Setting | None]:
     p.add_argument("--full-finetune", action="store_true", help="train every weight instead of a LoRA")
     p.add_argument("--gpu-gib", type=float, help="memory per GPU (H100: 80)")
     p.add_argument("--base-quant", choices=("none", *QUANT_BYTES), help="frozen base quantised (one GPU, bf16)")
+    p.add_argument("--config", help="an SFT config (e.g. training/configs/kontext_sft.json): the setting its trainer "
+                   "runs, on --world-size GPUs (default 8) of --gpu-gib; the default without other options is "
+                   f"{SHIPPED}")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--fit-table", action="store_true",
                    help="Markdown: one GPU, ranks 16/128/512 at 512² and 1024² (two references of the same size), "
                         "bf16/fp8 base x AdamW/8-bit AdamW x checkpointing: which fit 24, 48, 80 GiB")
     args = p.parse_args(argv)
+    if args.config:
+        return args, config_setting(args.config, args.world_size or 8, args.gpu_gib or 80.0)
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("json", "fit_table") and v is not False}
     if not given:
@@ -208,23 +245,48 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Setting | None]:
     return args, setting
 
 
+SHIPPED = "training/configs/kontext_sft.json"
+
+
+def config_setting(path, world_size: int = 8, gpu_gib: float = 80.0) -> Setting:
+    """What ``training.sft`` runs for the SFT config at ``path`` on ``world_size`` GPUs: its rank, targets,
+    pixel budget (the output and both references at the budget's square), batch per GPU, precision,
+    checkpointing, DDP or FSDP, optimizer and base quantisation; the cache encoded, the VAE kept."""
+    import math
+    from pathlib import Path
+
+    from ..config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / path if not Path(path).is_file() else path)
+    side = math.isqrt(cfg.data.max_pixels)
+    return Setting(rank=cfg.lora.rank, output=(side, side), references=((side, side),) * 2,
+                   batch=max(1, cfg.data.batch_size // world_size), checkpointing=cfg.train.gradient_checkpointing,
+                   precision=cfg.train.precision, optimizer="adamw8bit" if cfg.optim.eightbit else "adamw",
+                   world_size=world_size, fsdp=cfg.train.distributed == "fsdp" and world_size > 1,
+                   full_finetune=cfg.train.mode == "full", base_quant=cfg.train.base_quant, gpu_gib=gpu_gib,
+                   targets=tuple(cfg.lora.target_modules), vae=True)
+
+
 def breakdown_table(result: dict) -> str:
     width = max(len(k) for k in result["parts"]) + 2
     lines = [*textwrap.wrap(result["description"], 100), "", f"{'component':<{width}}{'GiB/GPU':>9}"]
     lines += [f"{k:<{width}}{v / GIB:9.2f}" for k, v in result["parts"].items()]
     verdict = "fits" if result["fits"] else "does NOT fit"
     gpu = result["setting"]["gpu_gib"]
-    lines.append(f"{'total':<{width}}{result['total'] / GIB:9.2f}  of {gpu:g} GiB: {verdict}")
+    lines.append(f"{'training step, total':<{width}}{result['total'] / GIB:9.2f}")
+    lines += [f"{'while loading: ' + k:<{width}}{v / GIB:9.2f}" for k, v in result["load"].items()]
+    lines.append(f"{'peak':<{width}}{result['peak'] / GIB:9.2f}  of {gpu:g} GiB: {verdict}, "
+                 f"headroom {100 * result['headroom']:.0f} %")
     lines.append(f"(transformer {result['base_params'] / 1e9:.2f} B params, trainable {result['trainable_params'] / 1e9:.3f} B)")
     return "\n".join(lines)
 
 
 def scenario_table(results: list[tuple[str, dict]]) -> str:
     width = max(len(n) for n, _ in results) + 2
-    lines = [f"{'setting':<{width}}{'GiB/GPU':>9}  {'activations':>11}  verdict"]
+    lines = [f"{'setting':<{width}}{'peak GiB':>9}  {'activations':>11}  verdict"]
     for name, r in results:
         act = sum(v for k, v in r["parts"].items() if "activation" in k or "working" in k or "copies" in k)
-        lines.append(f"{name:<{width}}{r['total'] / GIB:9.1f}  {act / GIB:11.1f}  "
+        lines.append(f"{name:<{width}}{r['peak'] / GIB:9.1f}  {act / GIB:11.1f}  "
                      f"{'fits' if r['fits'] else 'does NOT fit'} in {r['setting']['gpu_gib']:g} GiB")
     return "\n".join(lines)
 
@@ -284,10 +346,13 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2) if args.json else breakdown_table(result))
         return 0
     results = [(name, estimate(s)) for name, s in SCENARIOS]
+    shipped = estimate(config_setting(SHIPPED))
     if args.json:
-        print(json.dumps({"scenarios": [dict(name=n, **r) for n, r in results]}, indent=2))
+        print(json.dumps({"shipped": dict(config=SHIPPED, **shipped),
+                          "scenarios": [dict(name=n, **r) for n, r in results]}, indent=2))
         return 0
     print("DualRef training memory plan: FLUX.1 Kontext-dev transformer, peak per GPU\n")
-    print(breakdown_table(results[0][1]))
+    print(f"{SHIPPED} as training.sft runs it (accelerate launch --num_processes 8):\n")
+    print(breakdown_table(shipped))
     print("\nVariants:\n" + scenario_table(results))
     return 0

@@ -197,7 +197,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
     model = build_model(cfg, bundle)
     optimizer, scheduler = build_optimizer(cfg, model)
     state = TrainState()
-    fsdp = cfg.train.distributed == "fsdp"  # sharded weights: accelerate saves/loads the state (GPU only)
+    fsdp = cfg.train.distributed == "fsdp"  # sharded weights: accelerate saves/loads the state
     ema = TrainableEMA([(n, p) for n, p in model.named_parameters() if p.requires_grad],
                        cfg.train.ema_decay) if cfg.train.ema_decay else None
     if checkpoint is not None and not fsdp:
@@ -226,10 +226,11 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
         value = validation_loss(model, val_dataset, val_indices, cfg.train.seed, device=device)
         if main:
             metrics.write(step=step, val_loss=value)
-            if cfg.run.val_samples and not fsdp:  # sampling on one rank needs unsharded weights
-                grid = [val_indices[i] for i in spread(len(val_indices), cfg.run.val_samples)]
-                png = run_dir / "val" / f"step_{step:07d}.png"
-                validation_grid(bundle, model, val_dataset, grid, sampling, png, cfg.train.seed)
+        if cfg.run.val_samples and (main or fsdp):  # FSDP: every rank's shards take part in the sampling
+            grid = [val_indices[i] for i in spread(len(val_indices), cfg.run.val_samples)]
+            png = run_dir / "val" / f"step_{step:07d}.png"
+            validation_grid(bundle, model, val_dataset, grid, sampling, png if main else None, cfg.train.seed)
+            if main:
                 metrics.image("validation grid", png, step)
         return value
 
