@@ -24,8 +24,11 @@ import gc
 import importlib
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -69,26 +72,18 @@ def as_argv(settings: list[str]) -> list[str]:
     return [a for s in settings for a in ("--set", s)]
 
 
-class Captured(logging.Handler):
-    """The ``training`` loggers' records while a command line runs in this process."""
+def run_cli(module: str, *argv: str, env: dict | None = None) -> list[str]:
+    """``python -m <module> ...`` as its own process (its memory gone when it ends), importing this
+    checkout; asserts it exits 0 and returns the messages it logged."""
+    env = env or dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = argv if module == "torchrun" else [sys.executable, "-m", module, *argv]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return [m[1] for m in map(LOGGED.match, done.stderr.splitlines()) if m]
 
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
 
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def __enter__(self):
-        self.logger = logging.getLogger("training")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self)
-        self.logger.setLevel(self.level)
+# the CLIs' log lines: "[%(asctime)s ]%(levelname)s %(name)s: %(message)s"
+LOGGED = re.compile(r"^(?:\S+ \S+ )?[A-Z]+ [\w.]+: (.*)$")
 
 
 def loaded(lines, component: str) -> list[str]:
@@ -143,29 +138,19 @@ def judge(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_run(standin, world, tmp_path_factory):
-    from training.sft.cli import main
-
     out = tmp_path_factory.mktemp("sft")
-    argv = ["--config", "training/configs/kontext_sft.json", "--out", str(out), "-q",
-            *as_argv(sft_settings(standin["release"], world))]
-    with Captured() as log:
-        code = main(argv)
-    gc.collect()
-    return code, out, log.lines
+    lines = run_cli("training.sft", "--config", "training/configs/kontext_sft.json", "--out", str(out), "-q",
+                    *as_argv(sft_settings(standin["release"], world)))
+    return out, lines
 
 
 @pytest.fixture(scope="session")
 def ddpo_run(standin, world, judge, sft_run, tmp_path_factory):
-    from training.ddpo.pipeline import main
-
     out = tmp_path_factory.mktemp("ddpo")
     before = judge.server.count
-    argv = ["--config", "training/configs/kontext_ddpo.json", "--out", str(out), "-q",
-            *as_argv(ddpo_settings(standin["release"], world, sft_run[1] / "lora.safetensors", judge.path))]
-    with Captured() as log:
-        code = main(argv)
-    gc.collect()
-    return code, out, log.lines, judge.server.count - before
+    lines = run_cli("training.ddpo", "--config", "training/configs/kontext_ddpo.json", "--out", str(out), "-q", "-v",
+                    *as_argv(ddpo_settings(standin["release"], world, sft_run[0] / "lora.safetensors", judge.path)))
+    return out, lines, judge.server.count - before
 
 
 def check_sft_lora(path: Path, standin: dict, world_size: int):
@@ -186,8 +171,7 @@ def check_sft_lora(path: Path, standin: dict, world_size: int):
 
 # -- one process --------------------------------------------------------------------------------------
 def test_sft_on_the_release_folder(sft_run, standin):
-    code, out, lines = sft_run
-    assert code == 0
+    out, lines = sft_run
     check_sft_lora(out / "lora.safetensors", standin, world_size=1)
     assert loaded(lines, "transformer") == ["bfloat16"]  # as loaded, before the trainer adds fp32 LoRA weights
     assert loaded(lines, "text_encoder_2") == ["bfloat16"] and loaded(lines, "text_encoder") == ["bfloat16"]
@@ -201,8 +185,7 @@ def test_ddpo_against_a_judge_on_loopback(ddpo_run, sft_run):
     from dual_rope.lora_meta import lora_content_hash
     from training.lora_io import load_lora
 
-    code, out, lines, questions = ddpo_run
-    assert code == 0
+    out, lines, questions = ddpo_run
     assert loaded(lines, "transformer") == ["bfloat16", "bfloat16"]  # DDPO's, then the final evaluation's
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (iteration,) = [r for r in rows if "n_judged" in r]
@@ -221,20 +204,16 @@ def test_ddpo_against_a_judge_on_loopback(ddpo_run, sft_run):
     assert questions == 3 * (4 + 2 + 3)  # three binary questions per judged sample, none asked twice
     state, meta = load_lora(out / "dualref_ddpo.safetensors")
     assert (meta.stage, meta.rank, meta.layout) == ("ddpo", 4, "diagonal")
-    assert meta.sft_lora == lora_content_hash(sft_run[1] / "lora.safetensors")
+    assert meta.sft_lora == lora_content_hash(sft_run[0] / "lora.safetensors")
 
 
 def test_bench_headless_on_the_release_folder(standin, world, judge, ddpo_run, tmp_path):
-    from training.bench.cli import main
-
-    out = tmp_path / "bench"
-    loras = ddpo_run[1]  # the DDPO run folder keeps both
-    argv = ["--model", str(standin["release"]), "--manifest", str(world), "--tasks", "animal_scene", "--steps", "2",
-            "--lora", str(loras / "dualref_sft.safetensors"), "--lora2", str(loras / "dualref_ddpo.safetensors"),
-            "--precision", "bf16", "--judge", PROFILE, "--judge-config", str(judge.path), "--out", str(out), "-q"]
-    with Captured() as log:
-        assert main(argv) == 0
-    assert loaded(log.lines, "transformer") == ["bfloat16"]
+    out, loras = tmp_path / "bench", ddpo_run[0]  # the DDPO run folder keeps both LoRAs
+    lines = run_cli("training.bench", "--model", str(standin["release"]), "--manifest", str(world), "--tasks",
+                    "animal_scene", "--steps", "2", "--lora", str(loras / "dualref_sft.safetensors"), "--lora2",
+                    str(loras / "dualref_ddpo.safetensors"), "--precision", "bf16", "--judge", PROFILE,
+                    "--judge-config", str(judge.path), "--out", str(out), "-q", "-v")
+    assert loaded(lines, "transformer") == ["bfloat16"]
     check_table2(out)
 
 
@@ -249,9 +228,10 @@ def check_table2(out: Path):
     return png
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def host(standin, ddpo_run, tmp_path_factory):
-    """ComfyUI with the stand-in's single files, both LoRAs and the depth-counting text-encoder loader."""
+    """ComfyUI with the stand-in's single files, both LoRAs and the depth-counting text-encoder loader
+    (stopped after its test: its ~4 GB are not held while the two-process run goes)."""
     base = tmp_path_factory.mktemp("rehearsal-host")
     models = base / "models"
     for folder, key in (("diffusion_models", "transformer"), ("vae", "vae"), ("text_encoders", "clip_l"),
@@ -260,7 +240,7 @@ def host(standin, ddpo_run, tmp_path_factory):
         (models / folder / standin[key].name).symlink_to(standin[key])
     (models / "loras").mkdir()
     for name in ("dualref_sft.safetensors", "dualref_ddpo.safetensors"):
-        shutil.copyfile(ddpo_run[1] / name, models / "loras" / name)
+        shutil.copyfile(ddpo_run[0] / name, models / "loras" / name)
     (base / "custom_nodes").mkdir()
     shutil.copyfile(Path(__file__).parent / "comfy_depth_loader.py", base / "custom_nodes" / "comfy_depth_loader.py")
     with start_server(base=base) as server:
@@ -299,7 +279,7 @@ def test_dual_lora_apply_patches_every_module_of_the_single_file(standin, ddpo_r
     import comfy.sd
     import folder_paths
 
-    folder_paths.add_model_folder_path("loras", str(ddpo_run[1]))
+    folder_paths.add_model_folder_path("loras", str(ddpo_run[0]))
     model = comfy.sd.load_diffusion_model(str(standin["transformer"]), model_options={"dtype": torch.bfloat16})
     try:
         assert model.model.diffusion_model.hidden_size == 3072
@@ -322,30 +302,28 @@ def test_dual_lora_apply_patches_every_module_of_the_single_file(standin, ddpo_r
 # -- two processes ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", DISTRIBUTED_MODES)
 def test_sft_and_ddpo_on_two_processes(mode, standin, world, judge, tmp_path):
-    """torchrun + gloo, as accelerate launch runs them: each rank encodes its share of a cold cache,
-    trains its half of every batch, and rolls out its half of the tuples."""
+    """torchrun + gloo, as accelerate launch runs them: both ranks encode their share of a cold cache
+    before either reads it, each trains its half of every batch and rolls out its half of the tuples."""
     cache = tmp_path / "cache"  # cold: the single-process runs' cache is not reused
     common = [f"data.cache_dir={cache}"]
     sft = torchrun_command("training.sft", REPO / "training/configs/kontext_sft.json", tmp_path / "sft", 2,
                            *as_argv(sft_settings(standin["release"], world, batch=2) + common +
                                     [f"train.distributed={mode}"]))
-    done = subprocess.run(sft, cwd=REPO, env=one_thread_env(REPO), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    lines = run_cli("torchrun", *sft, env=one_thread_env(REPO))
     check_sft_lora(tmp_path / "sft" / "lora.safetensors", standin, world_size=2)
-    lines = [line.split(": ", 1)[-1] for line in done.stderr.splitlines()]
     assert loaded(lines, "transformer") == ["bfloat16"] * 2  # each rank loads it in bf16
-    encoded = [line for line in lines if line.startswith(f"cache {cache}")]
-    assert len(encoded) >= 2, done.stderr[-3000:]
+    # the main process's reading pass finds all 9 images and 3 texts already encoded by the shared pass
+    assert any(re.match(rf"cache {re.escape(str(cache))}\S*: images 9 cached \+ 0 encoded, texts 3 cached \+ 0 encoded",
+                        line) for line in lines), lines
 
     before = judge.server.count
     ddpo = torchrun_command("training.ddpo", REPO / "training/configs/kontext_ddpo.json", tmp_path / "ddpo", 2,
                             *as_argv(ddpo_settings(standin["release"], world, tmp_path / "sft" / "lora.safetensors",
-                                                   judge.path) + common))
-    done = subprocess.run(ddpo + ["-v"], cwd=REPO, env=one_thread_env(REPO), capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+                                                   judge.path) + common), "-v")
+    lines = run_cli("torchrun", *ddpo, env=one_thread_env(REPO))
+    assert loaded(lines, "transformer") == ["bfloat16"] * 3  # both ranks, then the main process's evaluation
     rows = [json.loads(x) for x in (tmp_path / "ddpo" / "metrics.jsonl").read_text().splitlines()]
     (iteration,) = [r for r in rows if "n_judged" in r]
-    assert (iteration["n_judged"], iteration["n_unjudged"]) == (4, 0)
+    assert (iteration["n_judged"], iteration["n_unjudged"]) == (4, 0) and iteration["grad_norm"] > 0
     assert json.loads((tmp_path / "ddpo" / "table2.json").read_text())["judge"] == f"{PROFILE}-binary"
     assert judge.server.count - before == 3 * (4 + 2 + 3)
