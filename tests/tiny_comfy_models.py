@@ -121,14 +121,15 @@ def write_dualref_lora(path: Path, fingerprint: str, layout: str = "diagonal", r
                                       base_fingerprint=fingerprint, train={"steps": 1, "precision": "bf16"}))
 
 
-def shrink_for_cpu(graph: dict, steps: int | None = 4) -> dict:
+def shrink_for_cpu(graph: dict, steps: int | None = 4, text_encoder: dict | None = None) -> dict:
     """An API workflow as shipped, changed for size only (in place, returned): ``DualCLIPLoader`` (which
-    always builds the 4.7B T5-XXL) becomes ``CLIPLoader`` on the tiny CLIP-L, same node id and title;
-    ``megapixels`` 0 (64 px pictures keep their size instead of growing to 1 MP), a custom canvas
-    64x48; ``steps`` fewer."""
+    always builds the 4.7B T5-XXL) becomes ``text_encoder`` (``{"class_type", "inputs"}``; default
+    ``CLIPLoader`` on the tiny CLIP-L), same node id and title; ``megapixels`` 0 (64 px pictures keep
+    their size instead of growing to 1 MP), a custom canvas 64x48; ``steps`` fewer."""
     (clip,) = [i for i, n in graph.items() if n["class_type"] == "DualCLIPLoader"]
-    graph[clip] = {"inputs": {"clip_name": CLIP_FILE, "type": "stable_diffusion", "device": "default"},
-                   "class_type": "CLIPLoader", "_meta": graph[clip]["_meta"]}
+    text_encoder = text_encoder or {"inputs": {"clip_name": CLIP_FILE, "type": "stable_diffusion", "device": "default"},
+                                    "class_type": "CLIPLoader"}
+    graph[clip] = {**text_encoder, "_meta": graph[clip]["_meta"]}
     loader = next(n for n in graph.values() if n["class_type"] == "DualReferenceLoader")["inputs"]
     loader.update(megapixels=0.0, width=64, height=48)  # width/height: the canvas when it is "custom"
     if steps is not None:

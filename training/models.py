@@ -192,6 +192,9 @@ class KontextBundle:
             obj = obj.to(self.device).eval()  # already there (loaded onto it); moves nothing, casts nothing
             if name != "transformer":
                 obj.requires_grad_(False)  # the VAE and text encoders stay frozen (as Kontext's)
+            # as loaded, before any job casts it: what the rehearsal (tests/test_rehearsal.py) checks
+            log.info("loaded %s: %d parameters in %s on %s", name, sum(p.numel() for p in obj.parameters()),
+                     ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in obj.parameters()})), self.device)
         self._loaded[name] = obj
         return obj
 
