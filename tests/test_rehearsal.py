@@ -321,7 +321,7 @@ def test_sft_and_ddpo_on_two_processes(mode, standin, world, judge, tmp_path):
                             *as_argv(ddpo_settings(standin["release"], world, tmp_path / "sft" / "lora.safetensors",
                                                    judge.path) + common), "-v")
     lines = run_cli("torchrun", *ddpo, env=one_thread_env(REPO))
-    assert loaded(lines, "transformer") == ["bfloat16"] * 3  # both ranks, then the main process's evaluation
+    assert loaded(lines, "transformer") == ["bfloat16"] * 4  # both ranks for DDPO, both again for the shared evaluation
     rows = [json.loads(x) for x in (tmp_path / "ddpo" / "metrics.jsonl").read_text().splitlines()]
     (iteration,) = [r for r in rows if "n_judged" in r]
     assert (iteration["n_judged"], iteration["n_unjudged"]) == (4, 0) and iteration["grad_norm"] > 0
