@@ -263,7 +263,8 @@ def two_figures_scene(rng, size1, size2, size3) -> Case:
     side2 = choice(rng, ("left", "right"))
     side3 = "right" if side2 == "left" else "left"
     slot = GROUP_SLOTS["right"] - GROUP_SLOTS["left"] - 0.04  # keep a gap between the two figures
-    ref1 = scene(size1, bg1, distractors(rng, size1, bg1, PLACES[:3], int(rng.integers(0, 3))))
+    # at most one small shape, top middle: clear of both figures' heads
+    ref1 = scene(size1, bg1, distractors(rng, size1, bg1, PLACES[1:2], int(rng.integers(0, 2))))
     ref2 = scene(size2, bg2, [placed(look2, figure_box("medium", 0.5, h2, w2))])
     ref3 = scene(size3, bg3, [placed(look3, figure_box("medium", 0.5, h3, w3))])
     target = copy.deepcopy(ref1)
