@@ -76,8 +76,9 @@ def parse_line(text: str, path="<manifest>", line_no: int = 0) -> Sample:
     if d["task"] not in KNOWN_TASKS:
         raise ManifestError(path, line_no, f"unknown task {d['task']!r}; use one of {', '.join(KNOWN_TASKS)}")
     images = d["images"]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise ManifestError(path, line_no, "'images' must be a list of image paths (non-empty strings)")
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+        raise ManifestError(path, line_no, "'images' must be a list of image paths (non-empty strings), "
+                                           "one per reference")
     reason = image_count_problem(d["task"], len(images))
     if reason:
         raise ManifestError(path, line_no, reason)
