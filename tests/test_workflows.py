@@ -358,7 +358,7 @@ def test_three_reference_workflow_reads_image_3(tiny_host, tmp_path):
     for node in workflow.values():  # the diagonal layout: the one DualRef trains, three references on it
         if node["class_type"] == "DiagonalPositionPatch":
             node["inputs"]["method"] = "diagonal"
-    three, _, _ = run_tiny(tiny_host, tmp_path / "three", workflow, task)
+    three, _, _ = run_tiny(tiny_host, tmp_path / "three", json.loads(json.dumps(workflow)), task)  # shrinks a copy
     unplugged = json.loads(json.dumps(workflow))
     next(n for n in unplugged.values() if n["class_type"] == "DiagonalPositionPatch")["inputs"]["strength_3"] = 0.0
     off, _, _ = run_tiny(tiny_host, tmp_path / "off", unplugged, task)
