@@ -51,7 +51,7 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     outputs = [corrupt("vae_like", s, rng) for s in samples]
-    requests = [JudgeRequest(s.instruction, s.refs[0], s.refs[1] if len(s.refs) > 1 else None, o, s.id, s.task, s.plan)
+    requests = [JudgeRequest.of(s.instruction, s.refs, o, s.id, s.task, s.plan)
                 for s, o in zip(samples, outputs)]
     judge = ToyJudge(cache_size=2 * count)
     _, cold_cpu, cold_wall = timed(lambda: [judge.judge(r) for r in requests])

@@ -1,6 +1,7 @@
 """Build the task workflows from ``comfy_queue/task_graphs.py``: UI format, API format, thumbnails.
 
     python -m comfy_queue.build                # write example_workflows/<title>.json and comfy_queue/api/<task>.json
+                                               # (every task of task_graphs.TEMPLATES)
     python -m comfy_queue.build --thumbnails   # also example_workflows/<title>.jpg (template browser pictures)
     python -m comfy_queue.build --check        # exit 1, naming the files, when the committed JSON differs
 
@@ -20,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from .task_graphs import (BYPASS, FRONTEND_EXPORTS, FRONTEND_ONLY, FRONTEND_WIDGETS, MODEL_FILES, MODEL_URLS, NODE_TYPES, PACK_NODES,
-                          PACK_REGISTRY_ID, TASKS, UPLOAD_LABEL, Graph, Slot, task_graph, template_title)
+                          PACK_REGISTRY_ID, TEMPLATES, UPLOAD_LABEL, Graph, Slot, task_graph, template_title)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -176,7 +177,7 @@ def dumps(data: dict) -> str:
 def built_files() -> dict[Path, str]:
     """Every JSON file this module writes, with its text."""
     files = {}
-    for task in TASKS:
+    for task in TEMPLATES:
         graph = task_graph(task)
         files[ui_path(task)] = dumps(to_ui(graph))
         files[api_path(task)] = dumps(to_api(graph))
@@ -184,8 +185,8 @@ def built_files() -> dict[Path, str]:
 
 
 def write_thumbnails(tile: int = 96, pad: int = 12) -> list[Path]:
-    """``<task>.jpg``, square (template cards are): a toy-world example, image 1 and image 2 above,
-    the result below them."""
+    """``<task>.jpg``, square (template cards are): a toy-world example, image 1 and image 2 (and
+    image 3) above, the result below them."""
     import numpy as np
     from PIL import Image
 
@@ -194,16 +195,19 @@ def write_thumbnails(tile: int = 96, pad: int = 12) -> list[Path]:
 
     side = 2 * tile + 3 * pad
     paths = []
-    for task in TASKS:
+    for task in TEMPLATES:
         sample = make_sample(task, seed=0, index=0, split="test", size=64)
-        ref1, ref2, target = (np.asarray(Image.fromarray(a).resize((tile, tile), Image.NEAREST))
-                              for a in (*sample.refs, sample.target))
+        n = len(sample.refs)
+        small = (side - (n + 1) * pad) // n  # two references: tile; three share the same width
+        refs = [np.asarray(Image.fromarray(a).resize((small, small), Image.NEAREST)) for a in sample.refs]
+        target = np.asarray(Image.fromarray(sample.target).resize((tile, tile), Image.NEAREST))
         canvas = np.full((side, side, 3), 255, np.uint8)
-        canvas[pad:pad + tile, pad:pad + tile] = ref1
-        canvas[pad:pad + tile, 2 * pad + tile:side - pad] = ref2
+        top = pad + tile - small  # bottom-aligned above the result
+        for k, ref in enumerate(refs):
+            canvas[top:top + small, pad + k * (small + pad):pad + k * (small + pad) + small] = ref
         left = (side - tile) // 2
         canvas[2 * pad + tile:side - pad, left:left + tile] = target
-        for x0 in (pad + tile // 2, 2 * pad + tile + tile // 2):  # grey wedges from each input to the result
+        for x0 in (pad + k * (small + pad) + small // 2 for k in range(n)):  # grey wedges from each input to the result
             for y in range(pad // 2):
                 canvas[tile + pad + 2 + y, x0 - (pad // 2 - y):x0 + (pad // 2 - y) + 1] = 120
         path = thumbnail_path(task)

@@ -9,13 +9,15 @@ title         node                                        input that is set
 ============  ==========================================  ==========================================
 ``image 1``   ``LoadImage`` (any node with an ``image``)  ``image`` <- the uploaded file of image 1
 ``image 2``   ``LoadImage``                               ``image`` <- the uploaded file of image 2
+``image 3``   ``LoadImage`` (three-reference workflows)   ``image`` <- the uploaded file of image 3
 ``instruction`` a text node (``PrimitiveString``,          the first of ``text``, ``value``,
               ``CLIPTextEncode``, ...)                    ``prompt``, ``string`` that it has
 ``seed``      ``PrimitiveInt``, a sampler, ``RandomNoise`` the first of ``seed``, ``noise_seed``,
                                                           ``value`` that it has
 ============  ==========================================  ==========================================
 
-``image 1``, ``image 2`` and ``instruction`` are required (several nodes may share a title; each is
+``image 1``, ``image 2`` and ``instruction`` are required, and ``image 3`` when the job has three
+images (a workflow with an ``image 3`` node takes three; several nodes may share a title; each is
 filled). ``seed`` is optional: with a seed and no node titled ``seed``, every literal ``seed`` /
 ``noise_seed`` input in the graph is set instead. The input that is set must hold a literal value;
 an input wired to another node is an error that names the node (put the title on the node that
@@ -34,7 +36,7 @@ from .comfy_errors import MissingNodes, WorkflowError
 API_DIR = Path(__file__).resolve().parent / "api"
 PACK_DIR = Path(__file__).resolve().parents[1]
 
-IMAGE_TITLES = ("image 1", "image 2")
+IMAGE_TITLES = ("image 1", "image 2", "image 3")  # a job fills the first two, or all three
 INSTRUCTION_TITLE = "instruction"
 SEED_TITLE = "seed"
 OUTPUT_TITLE = "output"
@@ -115,15 +117,20 @@ def _set_literal(workflow: dict, node_id: str, candidates, value, title: str) ->
 def fill_workflow(workflow: dict, image_names, instruction: str, seed: int | None = None) -> dict:
     """A copy of ``workflow`` with the uploaded image names, the instruction and the seed set."""
     graph = copy.deepcopy(workflow)
-    if len(image_names) != len(IMAGE_TITLES):
-        raise WorkflowError(f"a dual-reference job takes 2 images, got {len(image_names)}")
-    missing = [t for t in (*IMAGE_TITLES, INSTRUCTION_TITLE) if not nodes_titled(graph, t)]
+    wants = 3 if nodes_titled(graph, IMAGE_TITLES[2]) else 2
+    if len(image_names) != wants:
+        raise WorkflowError(
+            f"this workflow takes {wants} images (nodes titled " + ", ".join(repr(t) for t in IMAGE_TITLES[:wants])
+            + f"), got {len(image_names)}; give one image per reference or use a "
+            + ("two" if wants == 3 else "three") + "-reference workflow")
+    titles = IMAGE_TITLES[:wants]
+    missing = [t for t in (*titles, INSTRUCTION_TITLE) if not nodes_titled(graph, t)]
     if missing:
         raise WorkflowError(
             "the workflow has no node titled " + ", ".join(repr(t) for t in missing)
             + " (titles are _meta.title in the API format; see comfy_queue/fill.py for the convention)"
         )
-    for title, name in zip(IMAGE_TITLES, image_names):
+    for title, name in zip(titles, image_names):
         for nid in nodes_titled(graph, title):
             _set_literal(graph, nid, IMAGE_INPUTS, name, title)
     for nid in nodes_titled(graph, INSTRUCTION_TITLE):

@@ -6,8 +6,9 @@ One job::
         --image1 park.png --image2 dog.png --instruction "Put the dog from image 2 into the park of image 1" \\
         --out outputs/ [--seed 7] [--workflow my_api_workflow.json]
 
-A batch (JSONL, one job a line: ``{"image1", "image2", "instruction", "task"?, "workflow"?, "seed"?,
-"id"?}``, or manifest lines with ``"images": [a, b]``; relative paths are relative to the file),
+A batch (JSONL, one job a line: ``{"image1", "image2", "image3"?, "instruction", "task"?, "workflow"?,
+"seed"?, "id"?}``, or manifest lines with ``"images": [a, b]`` (``[a, b, c]`` for a three-reference
+workflow such as ``--task two_figures_scene``); relative paths are relative to the file),
 spread over every ``--server`` (each server pulls the next job when it finishes one, so fast servers
 do more; a server that goes down hands its job back to the others)::
 
@@ -44,7 +45,7 @@ from .comfy_client import ComfyClient, EventCallback, normalize_server
 from .comfy_errors import ComfyError
 from .fill import check_node_types, fill_workflow, load_workflow, output_node_ids
 
-from .task_graphs import TASKS
+from .task_graphs import TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,16 @@ class Job:
     workflow: str | None = None  # an API workflow path; overrides the task's
     seed: int | None = None
     id: str | None = None
+    image3: str | None = None  # three-reference workflows only
+
+    @property
+    def images(self) -> list[str]:
+        return [self.image1, self.image2] + ([self.image3] if self.image3 else [])
 
     def __post_init__(self):
         if self.id is None:
-            key = json.dumps([self.task, self.workflow, self.image1, self.image2, self.instruction, self.seed])
+            key = [self.task, self.workflow, self.image1, self.image2, self.instruction, self.seed]
+            key = json.dumps(key + ([self.image3] if self.image3 else []))  # two-image ids as before
             self.id = hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -137,15 +144,15 @@ def read_jobs(path, split: str | None = None, default_task: str | None = None) -
             d = json.loads(text)
             if split is not None and d.get("split", "train") != split:
                 continue
-            images = d["images"] if "images" in d else [d["image1"], d["image2"]]
-            if len(images) != 2:
-                raise ValueError("a job needs two images")
-            image1, image2 = (str(base / p) if not Path(p).is_absolute() else p for p in images)
+            images = d["images"] if "images" in d else [d["image1"], d["image2"]] + ([d["image3"]] if d.get("image3") else [])
+            if len(images) not in (2, 3):
+                raise ValueError("a job needs two images (three for a three-reference workflow)")
+            image1, image2, *image3 = (str(base / p) if not Path(p).is_absolute() else p for p in images)
             workflow = d.get("workflow")
             if workflow is not None and not Path(workflow).is_absolute():
                 workflow = str(base / workflow)
             jobs.append(Job(image1, image2, d["instruction"], d.get("task", default_task), workflow,
-                            d.get("seed"), str(d["id"]) if "id" in d else None))
+                            d.get("seed"), str(d["id"]) if "id" in d else None, image3[0] if image3 else None))
         except (ValueError, KeyError, TypeError) as e:
             raise ComfyError(f"{path}:{line_no}: not a job ({e}); a line needs image1, image2 (or images) and instruction") from None
     return jobs
@@ -156,14 +163,14 @@ def check_jobs(jobs: list[Job], default_workflow: str | None = None) -> list[str
     there, a task without a workflow, a workflow file that is missing. Empty when the batch may start."""
     problems = []
     for job in jobs:
-        for key in ("image1", "image2"):
+        for key in ("image1", "image2") + (("image3",) if job.image3 else ()):
             if not Path(getattr(job, key)).is_file():
                 problems.append(f"job {job.id}: {key} not found: {getattr(job, key)}")
         workflow = job.workflow or default_workflow
         if workflow is not None and not Path(workflow).is_file():
             problems.append(f"job {job.id}: workflow not found: {workflow}")
-        elif workflow is None and job.task not in TASKS:
-            problems.append(f"job {job.id}: task {job.task!r} is not one of {', '.join(TASKS)} (or give a workflow)")
+        elif workflow is None and job.task not in TEMPLATES:
+            problems.append(f"job {job.id}: task {job.task!r} is not one of {', '.join(TEMPLATES)} (or give a workflow)")
     return problems
 
 
@@ -230,7 +237,7 @@ def run_batch(servers: Iterable[str], jobs: Iterable[Job], out_dir, resume: bool
                     continue
                 start = time.monotonic()
                 try:
-                    paths = queue_job(client, workflow_for(job), [job.image1, job.image2], job.instruction,
+                    paths = queue_job(client, workflow_for(job), job.images, job.instruction,
                                       job.seed, out_dir, name=job.id, timeout=timeout,
                                       on_queued=lambda prompt_id: running.__setitem__(client.server, prompt_id))
                     running.pop(client.server, None)
@@ -333,10 +340,11 @@ def _step_progress(enabled: bool, names: dict[str, str] | None = None) -> tuple[
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m comfy_queue", description=__doc__.split("\n\n")[0])
     p.add_argument("--server", action="append", help="ComfyUI URL; repeat to share a batch (default http://127.0.0.1:8188)")
-    p.add_argument("--task", choices=TASKS, help="uses comfy_queue/api/<task>.json")
+    p.add_argument("--task", choices=TEMPLATES, help="uses comfy_queue/api/<task>.json")
     p.add_argument("--workflow", help="an API-format workflow to use instead of the task's")
     p.add_argument("--image1")
     p.add_argument("--image2")
+    p.add_argument("--image3", help="the third picture, for a three-reference workflow (--task two_figures_scene)")
     p.add_argument("--instruction")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch", help="JSONL of jobs (or a manifest) to spread over the servers")
@@ -375,7 +383,8 @@ def main(argv=None) -> int:
         on_event, bar = _step_progress(not args.quiet, node_names(workflow))
         running: dict[str, str] = {}
         try:
-            paths = queue_job(servers[0], workflow, [args.image1, args.image2], args.instruction, args.seed,
+            images = [args.image1, args.image2] + ([args.image3] if args.image3 else [])
+            paths = queue_job(servers[0], workflow, images, args.instruction, args.seed,
                               args.out, on_event=on_event, timeout=args.timeout, use_websocket=not args.no_websocket,
                               on_queued=lambda prompt_id: running.__setitem__(normalize_server(servers[0]), prompt_id))
             running.clear()

@@ -1,4 +1,5 @@
-"""The five task workflows as one graph each: nodes, widget values, links, groups and notes.
+"""The task workflows (the five dual-reference tasks and one three-reference one) as one graph each:
+nodes, widget values, links, groups and notes.
 
 ``comfy_queue/build.py`` turns each graph into the UI format (``example_workflows/<task>.json``, what
 the ComfyUI frontend saves; listed in its template browser) and the API format
@@ -17,13 +18,16 @@ ones ComfyUI's own Kontext template names, with the same download URLs. The two 
 ``example.png``, the picture ComfyUI's own install puts in its ``input/`` folder (its default workflow
 loads it), so a template opens with no missing picture and queues as it is; nothing of ours is copied
 into the user's folders, and the notes ask the user to upload their own pictures. Only the
-instruction, the output canvas and the notes differ per task.
+instruction, the output canvas and the notes differ per task; the three-reference template
+(``two_figures_scene``) adds a third Load Image, wired to the loader's and the judge's ``image_3``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
+THREE_REFERENCE_TASKS = ("two_figures_scene",)  # judge.manifest.MULTI_TASKS
+TEMPLATES = TASKS + THREE_REFERENCE_TASKS  # every workflow the builder writes
 
 UNET = "flux1-dev-kontext_fp8_scaled.safetensors"  # ComfyUI's own Kontext template and tutorial
 CLIP_L = "clip_l.safetensors"
@@ -89,10 +93,11 @@ NODE_TYPES = {
     "FluxGuidance": _type("conditioning:CONDITIONING", "CONDITIONING:CONDITIONING", "guidance:FLOAT", "FluxGuidance"),
     "ConditioningZeroOut": _type("conditioning:CONDITIONING", "CONDITIONING:CONDITIONING", "", "ConditioningZeroOut"),
     "DualReferenceLoader": _type(
-        "conditioning:CONDITIONING vae:VAE image_1:IMAGE image_2:IMAGE",
+        "conditioning:CONDITIONING vae:VAE image_1:IMAGE image_2:IMAGE image_3:IMAGE?",
         "conditioning:CONDITIONING latent:LATENT report:STRING",
         "megapixels:FLOAT crop:BOOLEAN canvas:COMBO width:INT height:INT", "Dual Reference Loader (DualRef)"),
-    "DiagonalPositionPatch": _type("model:MODEL", "MODEL:MODEL", "method:COMBO strength_1:FLOAT strength_2:FLOAT",
+    "DiagonalPositionPatch": _type("model:MODEL", "MODEL:MODEL",
+                                   "method:COMBO strength_1:FLOAT strength_2:FLOAT strength_3:FLOAT?",
                                    "Diagonal Position Patch (DualRef)"),
     "DualLoRAApply": _type(
         "model:MODEL", "MODEL:MODEL report:STRING",
@@ -105,7 +110,7 @@ NODE_TYPES = {
     "VAEDecode": _type("samples:LATENT vae:VAE", "IMAGE:IMAGE", "", "VAE Decode"),
     "SaveImage": _type("images:IMAGE", "", "filename_prefix:STRING", "Save Image"),
     "VLMJudge": _type(
-        "images:IMAGE image_1:IMAGE image_2:IMAGE",
+        "images:IMAGE image_1:IMAGE image_2:IMAGE image_3:IMAGE?",
         "scores:FLOAT[] scores_text:STRING verdict:STRING best_image:IMAGE best_index:INT",
         "instruction:STRING profile:COMBO plan:STRING?", "VLM Judge (DualRef)"),
     "PreviewAny": _type("source:*", "", "", "Preview as Text"),
@@ -132,6 +137,7 @@ class Task:
     instruction: str
     tips: str
     canvas: tuple[str, int, int] = ("reference 1", 1024, 1024)
+    role_3: str | None = None  # three-reference templates: what image 3 is
 
 
 TASK_SPECS = {
@@ -173,6 +179,15 @@ TASK_SPECS = {
         "in image 2, keeping their face, hair, pose and the background unchanged.",
         "Name the garment and what must not change (face, pose, background). Works best when the garment "
         "in image 2 is fully visible."),
+    "two_figures_scene": Task(
+        "two_figures_scene", "Two people into a scene (three references)", "the scene (a cafe terrace)",
+        "the first person",
+        "Seat the woman from image 2 on the left and the man from image 3 on the right at the front table of "
+        "the cafe terrace in image 1, keeping both faces, hair and clothes exactly as in images 2 and 3 and "
+        "lighting them with the afternoon sun of image 1.",
+        "Give each person a side and say what must stay identical. Three 1 MP references and a 1 MP canvas "
+        "are ~16k image tokens, 4x plain Flux: lower megapixels in Dual Reference Loader to go faster.",
+        role_3="the second person"),
 }
 
 
@@ -241,6 +256,18 @@ def zero_shot_note() -> str:
 
 
 def task_note(task: Task) -> str:
+    if task.role_3:  # three references: image 3 goes to the loader's and the judge's image_3
+        return (
+            f"## DualRef: {task.label.lower()}\n\n"
+            f"1. **image 1**: {task.role_1}; **image 2**: {task.role_2}; **image 3**: {task.role_3}. The three "
+            f"Load Image nodes start on ComfyUI's own `{EXAMPLE_IMAGE}`: upload your pictures there (choose file "
+            "to upload, or drop a file on the node).\n"
+            "2. Write the edit in **instruction**; refer to the pictures as *image 1*, *image 2* and *image 3*.\n"
+            f"3. Queue. {task.tips}\n\n"
+            "Dual Reference Loader takes image 3 on its optional **image_3** input and places it past reference "
+            "2 on the diagonal; Diagonal Position Patch's **strength_3** weighs it like the other two. Without "
+            "a LoRA trained on three references, expect image 3 to be followed less reliably than images 1 and 2."
+        )
     return (
         f"## DualRef: {task.label.lower()}\n\n"
         f"1. **image 1**: {task.role_1}; **image 2**: {task.role_2}. Both Load Image nodes start on "
@@ -275,7 +302,7 @@ def task_graph(name: str) -> Graph:
              {"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux", "device": "default"}, models=(CLIP_L, T5XXL)),
         Node(3, "VAELoader", (20, 370), (320, 58), {"vae_name": VAE}, models=(VAE,)),
         Node(4, "DiagonalPositionPatch", (20, 540), (320, 130),
-             {"method": ZERO_SHOT_METHOD, "strength_1": 1.0, "strength_2": 1.0}),
+             {"method": ZERO_SHOT_METHOD, "strength_1": 1.0, "strength_2": 1.0, "strength_3": 1.0}),
         Node(5, "DualLoRAApply", (20, 710), (320, 178),
              {"sft_lora": NO_LORA, "sft_strength": 1.0, "ddpo_lora": NO_LORA, "ddpo_strength": 1.0,
               "on_mismatch": "error"}),
@@ -323,5 +350,11 @@ def task_graph(name: str) -> Graph:
         ("5  Sample and save", (1450, 0, 820, 640), "#3f789e"),
         ("Optional: VLM judge (bypassed)", (1060, 660, 1210, 340), "#444"),
     ]
+    if task.role_3:  # three pictures side by side where two were, the third feeding both image_3 inputs
+        for node, x in zip(nodes[5:7], (400, 613)):
+            node.pos, node.size = (x, 80), (200, 340)
+        nodes.append(Node(22, "LoadImage", (826, 80), (200, 340), {"image": EXAMPLE_IMAGE, "upload": "image"},
+                          title="image 3", color=INPUT_COLOR))
+        links += [(22, 0, 10, "image_3"), (22, 0, 16, "image_3")]
     # Opens at 65% zoom (LiteGraph hides widgets below 60%) with everything in a 1920x1080 window.
     return Graph(name, nodes, links, groups, view=(0.65, 640, 154))

@@ -105,8 +105,8 @@ def parse_args(argv=None):
 
 def _request(sample, manifest_dir: Path, output: Path) -> JudgeRequest:
     refs = [to_pil(manifest_dir / p) for p in sample.images]
-    return JudgeRequest(sample.instruction, refs[0], refs[1] if len(refs) > 1 else None, to_pil(output),
-                        sample_id=sample.id, task=sample.task, plan=sample.plan)
+    return JudgeRequest.of(sample.instruction, refs, to_pil(output), sample_id=sample.id, task=sample.task,
+                           plan=sample.plan)
 
 
 def run(args) -> dict:

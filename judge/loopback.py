@@ -96,9 +96,10 @@ class ChatCall:
     def question(self) -> str | None:
         """Which of prompts.QUESTIONS / SCORE_QUESTIONS this call asks (from its wording)."""
         text = self.user_text
-        for name, template in {**prompts.QUESTIONS, **prompts.SCORE_QUESTIONS}.items():
-            if template.split("\n")[-1] in text:  # each template's last line is unique
-                return name
+        for templates in (prompts.QUESTIONS, prompts.SCORE_QUESTIONS, prompts.question_templates(3)):
+            for name, template in templates.items():
+                if template.split("\n")[-1] in text:  # each template's last line is unique
+                    return name
         return None
 
     @property

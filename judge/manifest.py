@@ -1,6 +1,7 @@
 """The dataset manifest (DESIGN contract 5): JSONL, one sample a line, paths relative to it.
 
-A line: ``id``, ``task``, ``images`` (one or two reference paths), ``instruction``, and optional
+A line: ``id``, ``task``, ``images`` (reference paths: two or three for a dual-reference task, one for
+``single_edit``; see :data:`REFERENCE_COUNTS`), ``instruction``, and optional
 ``target``, ``plan``, ``split`` (``train`` or ``test``) and ``sources``: where each image came from
 and under which licence (synthesis writes it for every line; older manifests without it stay valid)::
 
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 TASKS = ("animal_scene", "person_scene", "group_portrait", "style_transfer", "clothing_replace")
 # Single-reference edits: the toy base's pretraining data and the Table-1 regression set.
 SINGLE_TASKS = ("single_edit",)
+# Three-reference tasks (opt-in, never in a default task list): images 2 and 3 brought into image 1.
+MULTI_TASKS = ("two_figures_scene",)
+KNOWN_TASKS = TASKS + SINGLE_TASKS + MULTI_TASKS
+MAX_REFERENCES = 3
+# How many reference images a line of each task may have (inclusive range): any dual task takes 2-3
+# (image 1 the one edited, the others brought in), the three-reference ones exactly 3.
+REFERENCE_COUNTS = {**{t: (2, MAX_REFERENCES) for t in TASKS}, **{t: (1, 1) for t in SINGLE_TASKS},
+                    **{t: (3, 3) for t in MULTI_TASKS}}
 SPLITS = ("train", "test")
 
 
@@ -39,7 +48,7 @@ class ManifestError(ValueError):
 class Sample:
     id: str
     task: str
-    images: list[str]  # one or two reference paths, relative to the manifest
+    images: list[str]  # reference paths (REFERENCE_COUNTS[task] of them), relative to the manifest
     instruction: str
     target: str | None = None
     plan: dict | None = None
@@ -64,11 +73,15 @@ def parse_line(text: str, path="<manifest>", line_no: int = 0) -> Sample:
     for key in ("id", "task", "images", "instruction"):
         if key not in d:
             raise ManifestError(path, line_no, f"missing field {key!r}")
-    if d["task"] not in TASKS + SINGLE_TASKS:
-        raise ManifestError(path, line_no, f"unknown task {d['task']!r}; use one of {', '.join(TASKS + SINGLE_TASKS)}")
+    if d["task"] not in KNOWN_TASKS:
+        raise ManifestError(path, line_no, f"unknown task {d['task']!r}; use one of {', '.join(KNOWN_TASKS)}")
     images = d["images"]
-    if not isinstance(images, list) or not 1 <= len(images) <= 2 or not all(isinstance(p, str) and p for p in images):
-        raise ManifestError(path, line_no, "'images' must be a list of one or two image paths")
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) and p for p in images):
+        raise ManifestError(path, line_no, "'images' must be a list of image paths (non-empty strings), "
+                                           "one per reference")
+    reason = image_count_problem(d["task"], len(images))
+    if reason:
+        raise ManifestError(path, line_no, reason)
     if not isinstance(d["instruction"], str) or not d["instruction"].strip():
         raise ManifestError(path, line_no, "'instruction' must be a non-empty string")
     split = d.get("split", "train")
@@ -86,6 +99,18 @@ def parse_line(text: str, path="<manifest>", line_no: int = 0) -> Sample:
         if reason:
             raise ManifestError(path, line_no, reason)
     return Sample(str(d["id"]), d["task"], images, d["instruction"], target, plan, split, sources)
+
+
+def image_count_problem(task: str, count: int) -> str | None:
+    """Why ``count`` reference images do not fit ``task`` (:data:`REFERENCE_COUNTS`), or None."""
+    low, high = REFERENCE_COUNTS[task]
+    if low <= count <= high:
+        return None
+    want = str(low) if low == high else f"{low} to {high}"
+    kind = ("a single-reference task" if task in SINGLE_TASKS else
+            "a three-reference task" if task in MULTI_TASKS else "a dual-reference task")
+    return (f"'images' has {count} path(s) but {task} is {kind} and takes {want}: image 1 is the picture "
+            "edited, the others what the instruction brings in; give one path per reference")
 
 
 _SOURCES_FORM = ('write "sources": {"images": [{"source": ..., "licence": ...} per image], '

@@ -126,7 +126,7 @@ class OpenAIJudge(Judge):
         if request.reference2 is None:
             return _failed(Unjudged("the three-question protocol needs two references; use score mode for single-reference edits", request.sample_id))
         try:
-            images = _Images([request.reference1, request.reference2, request.output], self.profile.image_max_side)
+            images = _Images(request.references + [request.output], self.profile.image_max_side)
         except ValueError as e:
             return _failed(Unjudged(f"bad image: {e}", request.sample_id))
         start = time.monotonic()
@@ -186,9 +186,10 @@ class OpenAIJudge(Judge):
 
     def _ask_yes_no(self, images: _Images, request: JudgeRequest, question: str) -> _Answer:
         content = []
-        for label in prompts.IMAGE_LABELS:  # None: the image goes here, encoded only on a cache miss
+        references = len(request.references)  # 2, or 3+ for three-reference tasks (every image numbered)
+        for label in prompts.image_labels(references):  # None: the image goes here, encoded only on a cache miss
             content += [{"type": "text", "text": label}, None]
-        content.append({"type": "text", "text": prompts.question_text(question, request.instruction)})
+        content.append({"type": "text", "text": prompts.question_text(question, request.instruction, references)})
         probability = self.mode == "probability"
 
         def interpret(choice, text):
@@ -206,7 +207,7 @@ class OpenAIJudge(Judge):
                 return float(answer), "probability mode: no yes/no log-probs; binary fallback (profile setting)", False
             return None, "", False  # log-probs missing: resend as is
 
-        return self._ask(images, request, question, self.mode, prompts.SYSTEM_YES_NO, content,
+        return self._ask(images, request, question, self.mode, prompts.system_yes_no(references), content,
                          prompts.REASK_YES_NO, interpret, logprobs=probability)
 
     def _ask_score(self, images: _Images, request: JudgeRequest, aspect: str) -> _Answer:

@@ -5,6 +5,9 @@ recorded in every verdict, so answers to different wordings never mix.
 
 Image order (fixed, and stated to the model in the message itself):
   image 1 = reference 1, image 2 = reference 2, image 3 = the edited output.
+With k references (three-reference tasks): image j = reference j for j <= k, image k+1 = the output,
+and the consistency question names every reference (:func:`image_labels`, :func:`system_yes_no`,
+:func:`question_text`); the two-reference wording below is the k = 2 case, sent word for word.
 In the single-reference 0-10 mode: image 1 = the source image, image 2 = the edited output.
 """
 from __future__ import annotations
@@ -77,8 +80,74 @@ SCORE_QUESTIONS = {
 REASK_SCORE = 'Reply with JSON only: {"score": [<0-10>, <0-10>], "reasoning": "..."}.'
 
 
-def question_text(question: str, instruction: str) -> str:
-    return QUESTIONS[question].format(instruction=instruction)
+# --- k references (k != 2): the same three questions, every image numbered -------------------
+
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                9: "nine", 10: "ten", 11: "eleven"}
+
+
+def _count(n: int) -> str:
+    return _COUNT_WORDS.get(n, str(n))
+
+
+def _images_list(references: int) -> str:
+    """'Image 1, from Image 2 and from Image 3' style list of every reference."""
+    names = [f"Image {k}" for k in range(1, references + 1)]
+    return "from " + (names[0] if references == 1 else ", from ".join(names[:-1]) + " and from " + names[-1])
+
+
+def _check_references(references: int) -> int:
+    references = int(references)
+    if references < 2:
+        raise ValueError(f"the three-question protocol needs two or more references, got {references}")
+    return references
+
+
+def image_labels(references: int = 2) -> tuple[str, ...]:
+    """The label sent before each image: the references in order, then the output."""
+    if _check_references(references) == 2:
+        return IMAGE_LABELS
+    return tuple(f"Image {k} (reference {k}):" for k in range(1, references + 1)) + (
+        f"Image {references + 1} (the edited output):",)
+
+
+def system_yes_no(references: int = 2) -> str:
+    if _check_references(references) == 2:
+        return SYSTEM_YES_NO
+    out = references + 1
+    order = ", ".join(f"Image {k} is reference {k}" for k in range(1, references + 1))
+    return (f"You judge image edits. You are shown {_count(out)} images in this fixed order: {order}, and "
+            f"Image {out} is the edited output that an editing model produced from all {_count(references)} "
+            f"references by following an instruction. Answer the question about Image {out}. Your reply must "
+            "begin with a single word, Yes or No, followed by at most one short sentence explaining why. Do "
+            "not give a score.")
+
+
+def question_templates(references: int = 2) -> dict[str, str]:
+    """:data:`QUESTIONS` for ``references`` references (the same dict for two)."""
+    if _check_references(references) == 2:
+        return QUESTIONS
+    out = f"Image {references + 1}"
+    return {
+        "fidelity": (
+            'The instruction was: "{instruction}"\n'
+            f"Question: Does {out} follow this instruction?"
+        ),
+        "consistency": (
+            'The instruction was: "{instruction}"\n'
+            f"Question: Does {out} faithfully carry over the visual attributes it takes from all "
+            f"{_count(references)} references (identity, appearance, clothing, colours or style, as the "
+            f"instruction requires) {_images_list(references)}?"
+        ),
+        "realism": (
+            f"Question: Is {out} visually coherent and realistic, free of artifacts such as "
+            "distorted or duplicated parts, visible seams, or pasted-on regions?"
+        ),
+    }
+
+
+def question_text(question: str, instruction: str, references: int = 2) -> str:
+    return question_templates(references)[question].format(instruction=instruction)
 
 
 def score_question_text(aspect: str, instruction: str) -> str:

@@ -40,7 +40,7 @@ class JudgeStopped(Unjudged):
 
 @dataclass
 class JudgeRequest:
-    """What a judge looks at: the instruction, both references and the output, in that order."""
+    """What a judge looks at: the instruction, the references and the output, in that order."""
 
     instruction: str
     reference1: Any  # PIL.Image.Image or HxWx3 uint8 array
@@ -49,6 +49,20 @@ class JudgeRequest:
     sample_id: str | None = None
     task: str | None = None
     plan: dict | None = None  # the structured edit plan, when the data has one (toy judge uses it)
+    more_references: list = field(default_factory=list)  # references 3, 4, ... (three-reference tasks)
+
+    @classmethod
+    def of(cls, instruction: str, references, output, sample_id=None, task=None, plan=None) -> "JudgeRequest":
+        """A request from a list of one or more references (reference 1 first)."""
+        refs = list(references)
+        return cls(instruction, refs[0], refs[1] if len(refs) > 1 else None, output, sample_id, task, plan,
+                   refs[2:])
+
+    @property
+    def references(self) -> list:
+        """Every reference, in order (reference 1 first; a single-reference request has one)."""
+        return [self.reference1] + ([self.reference2] if self.reference2 is not None else []) + \
+            list(self.more_references)
 
 
 @dataclass

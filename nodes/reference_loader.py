@@ -1,4 +1,4 @@
-"""DualReferenceLoader: two images -> conditioning carrying both reference latents + an output canvas."""
+"""DualReferenceLoader: two (or three) images -> conditioning carrying their reference latents + an output canvas."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ from ..dual_rope.packing import token_grid
 log = logging.getLogger(__name__)
 
 MULTIPLE = 16  # pixels: Flux latents are 1/8 of the image and tokens 2x2 latents
-CANVAS_OPTIONS = ["reference 1", "reference 2", "custom"]
+CANVAS_OPTIONS = ["reference 1", "reference 2", "reference 3", "custom"]
 
 
 def budget_size(height: int, width: int, megapixels: float, multiple: int = MULTIPLE) -> tuple[int, int]:
@@ -68,14 +68,18 @@ def check_image(name: str, image) -> torch.Tensor:
     return image[..., :3]
 
 
-def batch_size(image_1: torch.Tensor, image_2: torch.Tensor) -> int:
-    b1, b2 = image_1.shape[0], image_2.shape[0]
-    if b1 != b2 and 1 not in (b1, b2):
-        raise ValueError(
-            f"image_1 has a batch of {b1} and image_2 a batch of {b2}; give both the same batch size, "
-            "or one single image to pair with every image of the other."
-        )
-    return max(b1, b2)
+def batch_size(*images: torch.Tensor) -> int:
+    """The common batch of ``image_1, image_2[, image_3]``: equal sizes, or 1 to pair with every image."""
+    sizes = [image.shape[0] for image in images]
+    big = max(sizes)
+    for k, b in enumerate(sizes):
+        if b not in (1, big):
+            other = sizes.index(big)
+            raise ValueError(
+                f"image_{k + 1} has a batch of {b} and image_{other + 1} a batch of {big}; give them the same "
+                "batch size, or one single image to pair with every image of the other."
+            )
+    return big
 
 
 def canvas_latent(canvas: str, latents: list[torch.Tensor], width: int, height: int, batch: int, ratio: int):
@@ -85,7 +89,11 @@ def canvas_latent(canvas: str, latents: list[torch.Tensor], width: int, height: 
         height, width = snap(height), snap(width)
         shape = (batch, channels, height // ratio, width // ratio)
     else:
-        ref = latents[CANVAS_OPTIONS.index(canvas)]
+        k = CANVAS_OPTIONS.index(canvas)
+        if k >= len(latents):
+            raise ValueError(f"canvas is '{canvas}' but only {len(latents)} images are connected; connect "
+                             f"image_{k + 1} or pick another canvas.")
+        ref = latents[k]
         shape = (batch, *ref.shape[1:])
     import comfy.model_management
 
@@ -121,15 +129,16 @@ class DualReferenceLoader(io.ComfyNode):
             display_name="Dual Reference Loader (DualRef)",
             category="DualRef/conditioning",
             description=(
-                "Encodes two reference images with the VAE and appends both latents, in order, to the "
-                "conditioning's reference_latents (like two chained ReferenceLatent nodes). Each image is "
+                "Encodes two reference images (three with the optional image_3) with the VAE and appends their "
+                "latents, in order, to the conditioning's reference_latents (like chained ReferenceLatent "
+                "nodes). Each image is "
                 "scaled to a pixel budget keeping its aspect ratio (sides multiples of 16 px, never "
                 "stretched). Also returns an empty LATENT for the output canvas. Use with DiagonalPositionPatch."
             ),
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip=(
                     "The instruction's text conditioning (e.g. from CLIP Text Encode).")),
-                io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) that encodes both references."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) that encodes the references."),
                 io.Image.Input("image_1", tooltip="Reference 1, usually the scene/image to edit."),
                 io.Image.Input("image_2", tooltip="Reference 2, usually the object, person or style to bring in."),
                 io.Float.Input("megapixels", default=1.0, min=0.0, max=16.0, step=0.01, tooltip=(
@@ -139,15 +148,18 @@ class DualReferenceLoader(io.ComfyNode):
                     "Off: the whole image is kept and the few pixels needed to reach a multiple of 16 repeat "
                     "its edges. On: the image covers the size and the overhang is cut off, centred.")),
                 io.Combo.Input("canvas", options=CANVAS_OPTIONS, default=CANVAS_OPTIONS[0], tooltip=(
-                    "Size of the output LATENT: that of reference 1, of reference 2, or width x height.")),
+                    "Size of the output LATENT: that of reference 1, 2 or 3, or width x height.")),
                 io.Int.Input("width", default=1024, min=16, max=16384, step=16, tooltip=(
                     "Output width in pixels when canvas is 'custom' (rounded to a multiple of 16).")),
                 io.Int.Input("height", default=1024, min=16, max=16384, step=16, tooltip=(
                     "Output height in pixels when canvas is 'custom' (rounded to a multiple of 16).")),
+                io.Image.Input("image_3", optional=True, tooltip=(
+                    "Optional reference 3, e.g. a second person or object to bring in (refer to it as image 3 "
+                    "in the instruction). Left unconnected, the node works with two references as before.")),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip=(
-                    "The input conditioning with both reference latents appended to reference_latents "
+                    "The input conditioning with the reference latents appended to reference_latents "
                     "(reference 1 first).")),
                 io.Latent.Output(display_name="latent", tooltip=(
                     "Empty latent for the output canvas; its batch is the larger image batch.")),
@@ -160,12 +172,14 @@ class DualReferenceLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, conditioning, vae, image_1, image_2, megapixels=1.0, crop=False, canvas=CANVAS_OPTIONS[0],
-                width=1024, height=1024) -> io.NodeOutput:
+                width=1024, height=1024, image_3=None) -> io.NodeOutput:
         import node_helpers
 
         if vae is None or getattr(vae, "first_stage_model", True) is None:
             raise ValueError("DualReferenceLoader needs a VAE: connect Load VAE with the FLUX VAE (ae.safetensors).")
         images = [check_image("image_1", image_1), check_image("image_2", image_2)]
+        if image_3 is not None:  # optional: a third reference, placed past reference 2 on the diagonal
+            images.append(check_image("image_3", image_3))
         batch = batch_size(*images)
         latents = []
         for k, image in enumerate(images, start=1):

@@ -166,7 +166,9 @@ class VLMJudge(io.ComfyNode):
                 "Asks a vision-language judge the paper's three yes/no questions about each edited image "
                 "(follows the instruction? keeps what it takes from both references? realistic?) and scores "
                 "it as their mean. Images are sent in a fixed order: image 1 = reference 1, image 2 = "
-                "reference 2, image 3 = the output. Picks the best image of the batch (best-of-N). The "
+                "reference 2, image 3 = the output (with the optional image_3: image 3 = reference 3, image 4 = "
+                "the output, and the consistency question names all three). Picks the best image of the batch "
+                "(best-of-N). The "
                 "endpoint and its key come from the server's judges.json profile, never from the workflow; "
                 "a judge that cannot answer stops the run with an error instead of giving a score."
             ),
@@ -182,6 +184,9 @@ class VLMJudge(io.ComfyNode):
                 io.String.Input("plan", multiline=True, default="", optional=True,
                                 tooltip="Optional JSON edit plan; only the toy world's programmatic judge "
                                         "(headless, `python -m judge --profile toy`) uses it."),
+                io.Image.Input("image_3", optional=True, tooltip=(
+                    "Optional reference 3, shown to the judge as Image 3 (the output then comes fourth); "
+                    "connect it when the edit used three references.")),
             ],
             outputs=[
                 io.Float.Output("scores", is_output_list=True, tooltip="Reward per image (mean of the three answers, 0-1), in batch order."),
@@ -193,15 +198,17 @@ class VLMJudge(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, image_1, image_2, instruction, profile, plan="") -> io.NodeOutput:
+    def execute(cls, images, image_1, image_2, instruction, profile, plan="", image_3=None) -> io.NodeOutput:
         if not instruction or not instruction.strip():
             raise ValueError("VLMJudge: the instruction is empty; connect or type the editing instruction")
         if profile == NO_PROFILE:
             raise ValueError(f"VLMJudge: no judge profile is configured. {CONFIG_HELP}")
         plan_dict = _plan(plan)
         pool = _pool_for(profile)
+        more = [image_3[0]] if image_3 is not None else []
         requests = [
-            JudgeRequest(instruction, image_1[0], image_2[0], images[i], sample_id=f"image {i}", plan=plan_dict)
+            JudgeRequest(instruction, image_1[0], image_2[0], images[i], sample_id=f"image {i}", plan=plan_dict,
+                         more_references=more)
             for i in range(images.shape[0])
         ]
         results = _judge_batch(pool, requests)

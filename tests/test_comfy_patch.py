@@ -119,6 +119,7 @@ def test_one_reference_strength_one_is_lossless(flux, patch_node, inputs, cfg):
     native = run(flux, inputs, refs, cfg=cfg)
     ours = run(patched(patch_node, flux, "diagonal", (1.0, 1.0)), inputs, refs, cfg=cfg)
     assert torch.equal(native, ours)
+    assert torch.equal(native, run(patched(patch_node, flux, "diagonal", (1.0, 1.0, 1.0)), inputs, refs, cfg=cfg))
     no_reference = run(flux, inputs, None, cfg=cfg)
     assert not torch.equal(native, no_reference)  # the reference does matter
     assert torch.equal(run(patched(patch_node, flux, "diagonal", (1.0, 0.5)), inputs, None, cfg=cfg), no_reference)
@@ -235,3 +236,39 @@ def test_other_diffusion_model_wrappers_still_run(flux, patch_node, inputs, othe
         model.add_wrapper_with_key(kind, "test.counting", counting)
     assert torch.equal(run(model, inputs, refs, steps=2), run(plain, inputs, refs, steps=2))
     assert calls == [2, 2]  # once per step, with both references
+
+
+def test_three_references_strength_zero_equals_leaving_each_out(flux, patch_node, inputs):
+    """Three references (issue 19): unplugging any one with strength 0 gives exactly the run without it,
+    and the node's optional strength_3 left at 1 builds the two-strength settings bit for bit."""
+    refs = inputs[2]["three_mixed"]
+    for k in range(3):
+        strengths = tuple(0.0 if j == k else 1.0 for j in range(3))
+        rest = [r for j, r in enumerate(refs) if j != k]
+        out = run(patched(patch_node, flux, "diagonal", strengths), inputs, refs, cfg=2.0, target=(8, 6))
+        assert torch.equal(out, run(patched(patch_node, flux, "diagonal", (1.0, 1.0, 1.0)), inputs, rest, cfg=2.0,
+                                    target=(8, 6))), k
+    all_off = run(patched(patch_node, flux, "diagonal", (0.0, 0.0, 0.0)), inputs, refs, cfg=2.0, target=(8, 6))
+    assert torch.equal(all_off, run(flux, inputs, None, cfg=2.0, target=(8, 6)))
+    only_first = run(patched(patch_node, flux, "diagonal", (1.0, 0.0, 0.0)), inputs, refs, cfg=2.0, target=(8, 6))
+    assert torch.equal(only_first, run(flux, inputs, refs[:1], cfg=2.0, target=(8, 6)))  # native Kontext
+    three = run(patched(patch_node, flux, "diagonal", (1.0, 1.0, 1.0)), inputs, refs, cfg=2.0, target=(8, 6))
+    assert not torch.equal(three, run(flux, inputs, refs[:2], cfg=2.0, target=(8, 6)))  # reference 3 matters
+    default = patch_node.execute(flux, "diagonal", 1.0, 0.3).result[0]
+    explicit = patch_node.execute(flux, "diagonal", 1.0, 0.3, 1.0).result[0]
+    import comfy.patcher_extension
+
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    settings = [m.wrappers[kind][next(iter(m.wrappers[kind]))][0].settings for m in (default, explicit)]
+    assert settings[0] == settings[1] and settings[0].strengths == (1.0, 0.3)
+
+
+def test_three_references_one_strength_biases_only_its_keys(flux, patch_node, inputs):
+    refs = inputs[2]["three_mixed"]  # token grids 3x5, 5x2, 2x2
+    gated, seen = masks_reaching_blocks(patched(patch_node, flux, "diagonal", (1.0, 1.0, 0.5)))
+    run(gated, inputs, refs, cfg=2.0)
+    n_txt, n_target, n1, n2, n3 = 6, 16, 15, 10, 4
+    mask = seen[0]
+    assert mask.shape == (1, 1, 1, n_txt + n_target + n1 + n2 + n3)
+    assert torch.equal(mask[..., :-n3], torch.zeros_like(mask[..., :-n3]))
+    assert torch.allclose(mask[..., -n3:], torch.full_like(mask[..., -n3:], math.log(0.5)))

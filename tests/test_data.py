@@ -62,7 +62,7 @@ def test_corrupt_line_and_missing_image_are_named_by_line(world, tmp_path):
 def test_skip_bad_goes_on_and_lists_what_it_skipped(world, tmp_path):
     lines = _lines(world)
     rows = [dict(x, images=[f"{world}/{p}" for p in x["images"]], target=f"{world}/{x['target']}") for x in lines[:3]]
-    rows[1]["images"] = [str(world / "missing.png")]
+    rows[1]["images"] = [rows[1]["images"][0], str(world / "missing.png")]  # a dual task takes 2-3 images
     manifest = write_lines(tmp_path / "m.jsonl", rows)
     bad = []
     records = load_manifest(manifest, skip_bad=True, skipped=bad)

@@ -73,7 +73,7 @@ def kontext_pipeline_way(transformer, inputs, ref):
     return FluxKontextPipeline._unpack_latents(out[:, :n], h * 8, w * 8, 8)
 
 
-@pytest.mark.parametrize("gates", [None, [1.0], [1.0, 1.0]])
+@pytest.mark.parametrize("gates", [None, [1.0], [1.0, 1.0], [1.0, 1.0, 1.0]])
 def test_one_reference_strength_one_equals_kontext_pipeline(transformer, inputs, gates):
     ref = inputs["refs"][0]
     expected = kontext_pipeline_way(transformer, inputs, ref)
@@ -86,6 +86,25 @@ def test_strength_zero_equals_leaving_the_reference_out(transformer, inputs):
     assert torch.equal(ours(transformer, inputs, [r1, r2], [0.0, 1.0]), kontext_pipeline_way(transformer, inputs, r2))
     assert torch.equal(ours(transformer, inputs, [r1, r2], [1.0, 0.0]), kontext_pipeline_way(transformer, inputs, r1))
     assert torch.equal(ours(transformer, inputs, [r1, r2], [0.0, 0.0]), kontext_pipeline_way(transformer, inputs, None))
+
+
+def test_three_references_strength_zero_equals_leaving_each_out(transformer, inputs):
+    """Issue 19: with three references, strength 0 on any of them equals the run without it (and two
+    unplugged equals native Kontext with the one left); reference 3 sits past reference 2's corner."""
+    r1, r2 = inputs["refs"]
+    r3 = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(9))
+    refs = [r1, r2, r3]
+    for k in range(3):
+        gates = [0.0 if j == k else 1.0 for j in range(3)]
+        rest = [r for j, r in enumerate(refs) if j != k]
+        assert torch.equal(ours(transformer, inputs, refs, gates), ours(transformer, inputs, rest)), k
+    for k in range(3):
+        only = [1.0 if j == k else 0.0 for j in range(3)]
+        assert torch.equal(ours(transformer, inputs, refs, only), kontext_pipeline_way(transformer, inputs, refs[k]))
+    assert torch.equal(ours(transformer, inputs, refs, [0.0] * 3), kontext_pipeline_way(transformer, inputs, None))
+    assert not torch.equal(ours(transformer, inputs, refs), ours(transformer, inputs, refs[:2]))
+    rows = prepare_references(TARGET, refs, "diagonal").placements[3]
+    assert (rows.index, rows.row, rows.col) == (1, 4 + 6, 6 + 4)  # past references 1 and 2
 
 
 def captured_attention_kwargs(transformer, inputs, refs, gates):

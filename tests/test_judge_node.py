@@ -226,3 +226,24 @@ def test_a_rejected_key_stops_the_node_after_the_first_answer(node_module, tmp_p
         assert out.result[0] == pytest.approx([1 / 3])
     finally:
         server.stop()
+
+
+def test_optional_image_3_is_sent_third_and_named_in_the_question(node_module, tmp_path, monkeypatch):
+    """Issue 19: with image_3 the judge sees reference 1, 2, 3 and then the output, and the consistency
+    question names all three references."""
+    def script(call):
+        index = round(call.images()[3].getpixel((0, 0))[0])
+        return Reply.answer(TRUTH[index][QUESTIONS.index(call.question)])
+
+    server = serve(tmp_path, monkeypatch, script)
+    try:
+        out = node_module.VLMJudge.execute(batch([1, 2]), batch([50]), batch([90]), "x", "loop", image_3=batch([120]))
+    finally:
+        server.stop()
+    scores, *_, best_index = out.result
+    assert scores == pytest.approx([1.0, 2 / 3]) and best_index == 0
+    for call in server.calls:
+        assert [round(im.getpixel((0, 0))[0]) for im in call.images()][:3] == [50, 90, 120]
+        assert "Image 4 (the edited output):" in call.user_text
+    consistency = [c for c in server.calls if c.question == "consistency"]
+    assert consistency and all("from Image 1, from Image 2 and from Image 3?" in c.user_text for c in consistency)

@@ -100,3 +100,15 @@ def test_comfyui_and_diffusers_agree(pack, models, inputs, method, strengths):
     print(f"{method} {strengths}: relative error {rel:.2e}")
     assert a.shape == b.shape == inputs["x"].shape
     assert rel <= TOLERANCE
+
+
+def test_comfyui_and_diffusers_agree_on_three_references(pack, models, inputs):
+    """Issue 19: reference 3 on the diagonal past reference 2, with a strength on it, in both hosts."""
+    comfy_model, transformer = models
+    three = dict(inputs, refs=inputs["refs"] + [torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(3))])
+    for strengths in ((1.0, 1.0, 1.0), (1.0, 1.0, 0.5)):
+        a = comfy_output(pack, comfy_model, three, "diagonal", strengths)
+        b = diffusers_output(transformer, three, "diagonal", strengths)
+        rel = ((a - b).norm() / b.norm()).item()
+        print(f"three references {strengths}: relative error {rel:.2e}")
+        assert rel <= TOLERANCE

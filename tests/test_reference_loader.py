@@ -115,3 +115,26 @@ def test_one_megapixel_everywhere_is_three_times_plain_flux(loader):
     report = loader.size_report([one_mp, one_mp], one_mp, 8)
     assert "reference 1: 1024x1024 px, 4096 tokens" in report
     assert "image tokens per step: 12288 (3.0x a plain Flux image" in report
+
+
+def test_optional_third_image_appends_a_third_reference(loader, vae):
+    """Issue 19: image_3 (optional) adds reference 3 after the other two; left out, the node is as before."""
+    first, second, third = images(1, 40, 56, seed=3), images(1, 56, 40, seed=4), images(1, 32, 48, seed=5)
+    two, latent_two, report_two = run(loader, vae, first, second, megapixels=0.0)
+    same, latent_same, report_same = run(loader, vae, first, second, megapixels=0.0, image_3=None)
+    assert all(torch.equal(a, b) for a, b in zip(two[0][1]["reference_latents"], same[0][1]["reference_latents"]))
+    assert report_two == report_same and torch.equal(latent_two["samples"], latent_same["samples"])
+    out, latent, report = run(loader, vae, first, second, megapixels=0.0, image_3=third, canvas="reference 3")
+    refs = out[0][1]["reference_latents"]
+    assert len(refs) == 3 and [tuple(r.shape[-2:]) for r in refs] == [(6, 8), (8, 6), (4, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(refs[:2], two[0][1]["reference_latents"]))
+    with torch.inference_mode():
+        assert torch.equal(refs[2], vae.encode(loader.fit_to_box(third, 32, 48, False)))
+    assert latent["samples"].shape == refs[2].shape  # canvas: reference 3
+    assert report.splitlines()[2] == "reference 3: 48x32 px, 6 tokens"
+    with pytest.raises(ValueError, match="canvas is 'reference 3' but only 2 images are connected"):
+        run(loader, vae, first, second, canvas="reference 3")
+    with pytest.raises(ValueError, match="image_3 has a batch of 2 and image_1 a batch of 3"):
+        run(loader, vae, images(3, 32, 32, 1), images(1, 32, 32, 2), image_3=images(2, 32, 32, 3))
+    with pytest.raises(ValueError, match="image_3 is empty"):
+        run(loader, vae, first, second, image_3=torch.zeros(0, 32, 32, 3))

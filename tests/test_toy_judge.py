@@ -1,5 +1,7 @@
 """The toy judge: its calibration table (exact targets pass, each corruption fails the right question),
 robustness to what a VAE does, probability mode, and clear errors."""
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -181,3 +183,41 @@ def test_judge_imports_inside_the_pack_as_comfyui_names_it():
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
+
+
+THREE = ("two_figures_scene",)
+
+
+@pytest.mark.parametrize("aspect_mix,n", [(False, 12), (True, 6)], ids=["square", "aspect-mix"])
+def test_three_reference_task_calibration(aspect_mix, n):
+    """The opt-in three-reference task answers all three questions: the exact target passes, what a VAE
+    does to it passes, and image 1 unchanged, image 2 returned, the figures on each other's side, a
+    garment from no reference, half an edit and artifacts fail what they must (the dual tasks' rules)."""
+    table = calibrate(n=n, seed=0, aspect_mix=aspect_mix, tasks=THREE)
+    text = format_table(table, tasks=THREE)
+    print(f"\ntoy judge calibration, two_figures_scene ({'aspect mix' if aspect_mix else '64x64'}):\n" + text)
+    # the dual tasks' rules, read for this task (as group_portrait's: two figures, each on its side)
+    bad = _violations({(key[0], "group_portrait"): row for key, row in table.items()
+                       if isinstance(key, tuple) and key[1] in THREE})
+    assert not bad, "\n".join(bad) + "\n" + text
+    assert table[("exact", THREE[0])]["n"] == n and table[("wrong_place", THREE[0])]["fidelity"] == 0.0
+
+
+def test_three_reference_requests_check_every_reference():
+    judge = ToyJudge()
+    sample = make_sample("two_figures_scene", 0, 4)
+    good = JudgeRequest.of(sample.instruction, sample.refs, sample.target, "s3", sample.task, sample.plan)
+    assert len(good.references) == 3 and good.more_references[0] is sample.refs[2]
+    assert judge.judge(good).scores() == {q: 1.0 for q in QUESTIONS}
+    other = make_sample("two_figures_scene", 0, 5)
+    with pytest.raises(ValueError, match="reference 3 of sample s3 does not match its plan"):
+        judge.judge(JudgeRequest.of("x", sample.refs[:2] + other.refs[2:], sample.target, "s3", plan=sample.plan))
+    # the figures on each other's side: fidelity fails on "order", with the reason
+    swapped = make_sample("two_figures_scene", 0, 4)
+    plan = json.loads(json.dumps(sample.plan))
+    a, b = (plan["target"]["elements"][i] for i in plan["edited"])
+    a["box"], b["box"] = b["box"], a["box"]
+    from judge.toy.scene import render
+
+    verdict = judge.judge(JudgeRequest.of("x", swapped.refs, render(plan["target"]), "s3", plan=sample.plan))
+    assert verdict.fidelity == 0.0 and "instructed side" in verdict.answers["fidelity"]

@@ -262,3 +262,67 @@ def test_command_line_writes_a_world(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "training.toy.world", "--out", str(tmp_path / "x"), "--tasks", "dog"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "dog" in bad.stderr
+
+
+# sha256 (first 16 hex) of refs + target pixels, instruction and plan of a few samples per task, computed
+# on main before the three-reference task existed: the opt-in task must change none of them (the toy
+# base's VAE images and pretraining data and the main job's world come from these streams).
+SAMPLE_DIGESTS = {
+    "animal_scene": ["bca37cf8803d3ef3", "fb4a4ff84624e499", "93d6c539b6d0ff05"],
+    "person_scene": ["27f95cedf449190c", "72dc70c45f92c789", "113b9e12e280bf00"],
+    "group_portrait": ["a68cdc511bedccbe", "c68292a2d01af766", "780c6c903dbe942b"],
+    "style_transfer": ["6a969f310046e63a", "f433621a312724a8", "d367f84c23d47ef5"],
+    "clothing_replace": ["57e84060d170e208", "3f7ec3391b344fd0", "f9b86c33f1eb1ade"],
+    "single_edit": ["7453ec120bd15e69", "4af1f63d05c26cbd", "7a6ec4e01e28f3a5"],
+}
+VOCABULARY_DIGEST = "49d8f06828d7ab46"  # the toy base's tokenizer is built from vocabulary()
+
+
+def _sample_digest(s) -> str:
+    h = hashlib.sha256()
+    for a in s.refs + [s.target]:
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    h.update(s.instruction.encode())
+    h.update(json.dumps(s.plan, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def test_existing_tasks_and_the_vocabulary_are_byte_identical_to_before_three_references():
+    assert ALL_TASKS == TASKS + SINGLE_TASKS == ("animal_scene", "person_scene", "group_portrait", "style_transfer",
+                                                 "clothing_replace", "single_edit")
+    got = {t: [_sample_digest(make_sample(t, 0, i, split, 64, mix))
+               for i, split, mix in ((0, "train", False), (3, "test", False), (1, "train", True))] for t in ALL_TASKS}
+    assert got == SAMPLE_DIGESTS
+    assert hashlib.sha256(" ".join(vocabulary()).encode()).hexdigest()[:16] == VOCABULARY_DIGEST
+
+
+def test_three_reference_task_is_opt_in_and_draws_three_references(tmp_path):
+    from judge.manifest import MULTI_TASKS
+    from training.toy.world import TOY_TASKS
+
+    assert MULTI_TASKS == ("two_figures_scene",) and "two_figures_scene" not in ALL_TASKS
+    assert TOY_TASKS[:len(ALL_TASKS)] == ALL_TASKS  # every existing task keeps its seed stream
+    info = generate_world(tmp_path / "w3", seed=0, train=3, test=2, tasks=("two_figures_scene",), progress=False)
+    assert info["counts"] == {"two_figures_scene": {"train": 3, "test": 2}}
+    lines = (tmp_path / "w3" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    for line in lines:
+        sample = parse_line(line)
+        assert sample.task == "two_figures_scene" and len(sample.images) == 3
+        plan = sample.plan
+        assert len(plan["refs"]) == 3 and len(plan["edited"]) == 2 and plan["base"] == plan["refs"][0]
+        target = _load(tmp_path / "w3" / sample.target)
+        assert np.array_equal(target, toy_scene.render(plan["target"]))
+        # each figure comes from its reference, on the side the instruction gives image 2's
+        sides = {role["from"]: side for side, role in plan["roles"].items() if isinstance(role, dict)}
+        assert set(sides) == {2, 3} and sides[2] != sides[3]
+        assert re.search(rf"(image 2|second (image|picture))[^,.]* on the {sides[2]}", sample.instruction.lower()) \
+            or re.search(rf"(image 3|third (image|picture))[^,.]* on the {sides[3]}", sample.instruction.lower())
+        figures = [plan["target"]["elements"][i] for i in plan["edited"]]
+        for k, figure in ((2, figures[0]), (3, figures[1])):
+            drawn = plan["refs"][k - 1]["elements"][0]
+            assert all(figure[key] == drawn[key] for key in ("skin", "garment", "texture", "colour2", "legs"))
+            assert (_centre(figure["box"])[0] < 32) == (sides[k] == "left")
+    default = generate_world(tmp_path / "w", seed=0, train=1, test=1, progress=False)
+    assert "two_figures_scene" not in default["counts"]

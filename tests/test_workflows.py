@@ -28,12 +28,14 @@ from comfy_host import PACK_NAME, REPO
 from workflow_checks import BYPASS, SECRET, check_api, check_ui, frontend_widgets, sockets, ui_to_api
 from comfy_queue import build
 from comfy_queue.fill import fill_workflow, load_workflow, nodes_titled
-from comfy_queue.task_graphs import FRONTEND_ONLY, NODE_TYPES, TASK_SPECS, TASKS, task_graph, template_title
+from comfy_queue.task_graphs import (FRONTEND_ONLY, NODE_TYPES, TASK_SPECS, TASKS, TEMPLATES, THREE_REFERENCE_TASKS,
+                                     task_graph, template_title)
 
 try:
+    from judge.manifest import MULTI_TASKS
     from judge.manifest import TASKS as MANIFEST_TASKS
 except ImportError:  # pragma: no cover - the trainer's packages are part of the dev install
-    MANIFEST_TASKS = TASKS
+    MANIFEST_TASKS, MULTI_TASKS = TASKS, THREE_REFERENCE_TASKS
 
 
 def ui(task: str) -> dict:
@@ -53,10 +55,10 @@ def test_committed_workflows_are_what_the_builder_writes():
 
 
 def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
-    assert set(TASKS) == set(MANIFEST_TASKS)
-    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(map(template_title, TASKS))
-    assert sorted(p.stem for p in build.API_DIR.glob("*.json")) == sorted(TASKS)
-    for task in TASKS:
+    assert set(TASKS) == set(MANIFEST_TASKS) and set(THREE_REFERENCE_TASKS) <= set(MULTI_TASKS)
+    assert sorted(p.stem for p in build.WORKFLOWS_DIR.glob("*.json")) == sorted(map(template_title, TEMPLATES))
+    assert sorted(p.stem for p in build.API_DIR.glob("*.json")) == sorted(TEMPLATES)
+    for task in TEMPLATES:
         thumb = build.thumbnail_path(task)
         assert thumb.is_file(), f"no thumbnail {thumb.name} (python -m comfy_queue.build --thumbnails)"
         with Image.open(thumb) as im:
@@ -66,26 +68,34 @@ def test_one_ui_workflow_and_one_api_twin_per_task_and_nothing_else():
 def test_the_served_template_folder_holds_only_workflows_and_thumbnails():
     """ComfyUI serves example_workflows/ as static files: no code, no package, nothing but templates."""
     served = sorted(p.name for p in build.WORKFLOWS_DIR.iterdir())
-    assert served == sorted(f"{template_title(t)}.{ext}" for t in TASKS for ext in ("json", "jpg")), served
+    assert served == sorted(f"{template_title(t)}.{ext}" for t in TEMPLATES for ext in ("json", "jpg")), served
     assert build.WORKFLOWS_DIR.name == "example_workflows"
     assert not (REPO / "workflows").exists(), "a second folder ComfyUI would serve as templates"
 
 
 def test_templates_have_readable_titles():
     """The template browser shows an extension template's file name as its title."""
-    titles = [template_title(t) for t in TASKS]
+    titles = [template_title(t) for t in TEMPLATES]
     assert titles == ["Animal into a scene", "Person into a scene", "Group portrait of two people",
-                      "Style transfer", "Clothing replacement"]
-    assert all(build.ui_path(t).stem == template_title(t) == build.thumbnail_path(t).stem for t in TASKS)
+                      "Style transfer", "Clothing replacement", "Two people into a scene (three references)"]
+    assert all(build.ui_path(t).stem == template_title(t) == build.thumbnail_path(t).stem for t in TEMPLATES)
 
 
 def test_api_twins_follow_the_queue_convention():
-    for task in TASKS:
+    from comfy_queue.comfy_errors import WorkflowError
+
+    for task in TEMPLATES:
         graph = load_workflow(task)  # what python -m comfy_queue loads for --task
-        assert [graph[n]["class_type"] for n in nodes_titled(graph, "image 1") + nodes_titled(graph, "image 2")] \
-            == ["LoadImage", "LoadImage"]
+        count = 3 if task in THREE_REFERENCE_TASKS else 2
+        titles = [f"image {k}" for k in range(1, count + 1)]
+        assert [graph[n]["class_type"] for t in titles for n in nodes_titled(graph, t)] == ["LoadImage"] * count
+        assert not nodes_titled(graph, f"image {count + 1}")
         assert [graph[n]["class_type"] for n in nodes_titled(graph, "output")] == ["SaveImage"]
-        filled = fill_workflow(graph, ["a.png", "b.png"], "put the cat from image 2 into image 1", seed=5)
+        names = ["a.png", "b.png", "c.png"][:count]
+        with pytest.raises(WorkflowError, match=f"takes {count} images"):
+            fill_workflow(graph, ["a.png", "b.png", "c.png"][:5 - count], "x")  # 3 for a two-image one, 2 for three
+        filled = fill_workflow(graph, names, "put the cat from image 2 into image 1", seed=5)
+        assert [filled[n]["inputs"]["image"] for t in titles for n in nodes_titled(filled, t)] == names
         (text_node,) = nodes_titled(filled, "instruction")
         assert filled[text_node]["inputs"]["value"] == "put the cat from image 2 into image 1"
         sampler = next(n for n in filled.values() if n["class_type"] == "KSampler")["inputs"]
@@ -94,7 +104,7 @@ def test_api_twins_follow_the_queue_convention():
 
 
 def test_workflows_carry_no_key_and_the_judge_only_a_profile_name():
-    for task in TASKS:
+    for task in TEMPLATES:
         for text in (build.ui_path(task).read_text(), build.api_path(task).read_text()):
             assert not SECRET.search(text), f"{task}: something that looks like a credential"
         judge = next(n for n in ui(task)["nodes"] if n["type"] == "VLMJudge")
@@ -104,7 +114,7 @@ def test_workflows_carry_no_key_and_the_judge_only_a_profile_name():
 
 def test_layout_is_tidy():
     """No two nodes overlap; every node that is not a note lies inside exactly one group."""
-    for task in TASKS:
+    for task in TEMPLATES:
         graph = task_graph(task)
         boxes = {n.id: (*n.pos, n.pos[0] + n.size[0], n.pos[1] + n.size[1]) for n in graph.nodes}
         title = 30  # LiteGraph draws the title bar above pos
@@ -170,7 +180,7 @@ def test_templates_name_the_files_of_comfyuis_own_kontext_template(comfy_host):
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TEMPLATES)
 def test_every_node_input_widget_and_link_is_valid_on_the_host(object_info, task):
     problems = check_ui(task, ui(task), object_info) + check_api(task, api(task), object_info)
     assert not problems, "\n".join(problems)
@@ -193,7 +203,7 @@ def test_the_checks_catch_broken_workflows(object_info):
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TEMPLATES)
 def test_ui_workflow_and_api_twin_describe_the_same_graph(object_info, task):
     assert ui_to_api(ui(task), object_info) == api(task)
 
@@ -201,9 +211,9 @@ def test_ui_workflow_and_api_twin_describe_the_same_graph(object_info, task):
 @pytest.mark.host
 def test_template_browser_routes_list_and_serve_the_five_ui_workflows(comfy_server):
     listed = comfy_server.get_json("/api/workflow_templates")
-    titles = sorted(map(template_title, TASKS))
+    titles = sorted(map(template_title, TEMPLATES))
     assert sorted(listed.get(PACK_NAME, [])) == titles, listed  # the API twins are not templates
-    for task in TASKS:
+    for task in TEMPLATES:
         stem = urllib.parse.quote(template_title(task))  # as the browser requests it
         assert comfy_server.get_json(f"/api/workflow_templates/{PACK_NAME}/{stem}.json") == ui(task)
         with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{PACK_NAME}/{stem}.jpg") as r:
@@ -232,10 +242,12 @@ def tiny_host(comfy_host, tmp_path_factory):
 
 
 def pictures(tmp_path, task: str):
-    """Two small RGB pictures with some structure (the output takes image 1's 64x48)."""
+    """Two (three for a three-reference task) small RGB pictures with some structure (the output takes
+    image 1's 64x48)."""
     rng = np.random.default_rng(sum(map(ord, task)))
     paths = []
-    for k, (h, w) in enumerate([(48, 64), (64, 64)], start=1):
+    sizes = [(48, 64), (64, 64)] + ([(32, 48)] if task in THREE_REFERENCE_TASKS else [])
+    for k, (h, w) in enumerate(sizes, start=1):
         y, x = np.mgrid[0:h, 0:w]
         base = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1) % 256
         base[h // 4: h // 2, w // 4: w // 2] = rng.integers(0, 256, 3)
@@ -251,7 +263,7 @@ def show_lora_report(workflow: dict) -> str:
     return "99"
 
 
-def run_tiny(tiny_host, tmp_path, workflow: dict, task: str, seed: int = 7):
+def run_tiny(tiny_host, tmp_path, workflow: dict, task: str, seed: int = 7, images=None):
     """Queue a workflow (shrunk for the CPU) through the real queue client; returns the image's pixels,
     the prompt ComfyUI ran (embedded by SaveImage) and the text outputs of the run by node id."""
     from comfy_queue.queue import queue_job
@@ -259,7 +271,9 @@ def run_tiny(tiny_host, tmp_path, workflow: dict, task: str, seed: int = 7):
 
     workflow = shrink_for_cpu(workflow)
     assert check_api("tiny", workflow, tiny_host.get_json("/object_info"), files=set()) == []  # files listed now
-    paths = queue_job(tiny_host.url, workflow, pictures(tmp_path, task), TASK_SPECS[task].instruction, seed=seed,
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    images = pictures(tmp_path, task) if images is None else images
+    paths = queue_job(tiny_host.url, workflow, images, TASK_SPECS[task].instruction, seed=seed,
                       out_dir=tmp_path / "out", timeout=600)
     assert len(paths) == 1 and paths[0].suffix == ".png", paths
     with Image.open(paths[0]) as im:
@@ -272,7 +286,7 @@ def run_tiny(tiny_host, tmp_path, workflow: dict, task: str, seed: int = 7):
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TEMPLATES)
 def test_every_api_workflow_runs_as_shipped_with_no_lora_file(tiny_host, tmp_path, task):
     """The zero-shot path: the bundled API workflow, with no LoRA anywhere, makes an image."""
     assert list((tiny_host.base / "models" / "loras").iterdir()) == []
@@ -288,7 +302,9 @@ def test_every_api_workflow_runs_as_shipped_with_no_lora_file(tiny_host, tmp_pat
     by_type = {n["class_type"]: n["inputs"] for n in queued.values()}
     assert by_type["DualLoRAApply"]["sft_lora"] == "None" and by_type["DiagonalPositionPatch"]["method"] == "offset"
     assert by_type["UNETLoader"]["unet_name"] == "flux1-dev-kontext_fp8_scaled.safetensors"
-    assert "image tokens per step: 40 (3.3x a plain Flux image" in texts[by_title["sizes and tokens"]]
+    # 12 canvas + 12 + 16 reference tokens; a third 48x32 px picture adds 6 (issue 19: three references)
+    tokens = "46 (3.8x" if task in THREE_REFERENCE_TASKS else "40 (3.3x"
+    assert f"image tokens per step: {tokens} a plain Flux image" in texts[by_title["sizes and tokens"]]
     assert "passes through unchanged (zero-shot)" in texts[report]
 
 
@@ -316,3 +332,42 @@ def test_a_dualref_lora_on_the_fp8_scaled_kontext(tiny_host, tmp_path):
     assert "warning" not in report, report
     log = tiny_host.log_text()
     assert "lora key not loaded" not in log, log[-3000:]  # every LoRA module landed on the transformer
+
+
+@pytest.mark.host
+def test_workflows_saved_before_three_references_still_run(tiny_host, tmp_path):
+    """The API twins as committed before issue 19 (no strength_3, no image_3: both optional inputs) still
+    validate and run, and give the same image as today's twin with strength_3 at 1."""
+    workflow = load_workflow("animal_scene")
+    old = json.loads(json.dumps(workflow))
+    patch = next(n for n in old.values() if n["class_type"] == "DiagonalPositionPatch")
+    assert patch["inputs"].pop("strength_3") == 1.0
+    assert not any("image_3" in n["inputs"] for n in old.values())
+    before, queued, _ = run_tiny(tiny_host, tmp_path / "old", old, "animal_scene")
+    assert "strength_3" not in next(n for n in queued.values() if n["class_type"] == "DiagonalPositionPatch")["inputs"]
+    now, _, _ = run_tiny(tiny_host, tmp_path / "new", workflow, "animal_scene")
+    assert np.array_equal(before, now)
+
+
+@pytest.mark.host
+def test_three_reference_workflow_reads_image_3(tiny_host, tmp_path):
+    """The three-reference template: image 3 changes the output, and strength_3 = 0 gives exactly the
+    two-reference run of the same graph (reference 3 unplugged), in the real host."""
+    task = THREE_REFERENCE_TASKS[0]
+    workflow = load_workflow(task)
+    for node in workflow.values():  # the diagonal layout: the one DualRef trains, three references on it
+        if node["class_type"] == "DiagonalPositionPatch":
+            node["inputs"]["method"] = "diagonal"
+    three, _, _ = run_tiny(tiny_host, tmp_path / "three", json.loads(json.dumps(workflow)), task)  # shrinks a copy
+    unplugged = json.loads(json.dumps(workflow))
+    next(n for n in unplugged.values() if n["class_type"] == "DiagonalPositionPatch")["inputs"]["strength_3"] = 0.0
+    off, _, _ = run_tiny(tiny_host, tmp_path / "off", unplugged, task)
+    two = json.loads(json.dumps(workflow))
+    (loader,) = [n for n in two.values() if n["class_type"] == "DualReferenceLoader"]
+    del loader["inputs"]["image_3"]
+    for node_id in nodes_titled(two, "image 3"):
+        del two[node_id]
+    first_two = pictures(tmp_path, task)[:2]
+    two_pixels, _, _ = run_tiny(tiny_host, tmp_path / "two", two, task, images=first_two)
+    assert np.array_equal(off, two_pixels)
+    assert not np.array_equal(three, two_pixels)

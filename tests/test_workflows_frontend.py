@@ -1,4 +1,5 @@
-"""The five UI workflows in the real ComfyUI frontend, in headless Chromium.
+"""The UI workflows (five dual-reference tasks, one three-reference) in the real ComfyUI frontend, in
+headless Chromium.
 
 The host (tiny models under the templates' file names, no LoRA) serves its installed frontend
 (comfyui-frontend-package); Chromium is driven over the Chrome DevTools Protocol with
@@ -29,7 +30,7 @@ import pytest
 
 from comfy_host import PACK_NAME
 from comfy_queue import build
-from comfy_queue.task_graphs import TASKS, template_title
+from comfy_queue.task_graphs import TEMPLATES, THREE_REFERENCE_TASKS, template_title
 
 websocket = pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium")
 
@@ -194,7 +195,7 @@ def ui_workflow(task: str) -> dict:
     return json.loads(build.ui_path(task).read_text())
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TEMPLATES)
 def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artifacts, task):
     workflow = ui_workflow(task)
     report = load(frontend, workflow, task)
@@ -203,7 +204,8 @@ def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artif
     assert sorted(n["id"] for n in report["nodes"]) == sorted(n["id"] for n in workflow["nodes"])
     assert report["flagged"] == [], f"{task}: nodes drawn red on load: {report['flagged']}"
     # A fresh install has the picture the Load Image nodes name: nothing shows as missing.
-    assert report["images"] == [["example.png", True]] * 2, f"{task}: Load Image values: {report['images']}"
+    pictures = 3 if task in THREE_REFERENCE_TASKS else 2
+    assert report["images"] == [["example.png", True]] * pictures, f"{task}: Load Image values: {report['images']}"
     cramped = [(n["type"], n["size"], [round(v) for v in n["min"]]) for n in report["nodes"]
                if n["size"][0] + 0.5 < n["min"][0] or n["size"][1] + 0.5 < n["min"][1]]
     assert not cramped, f"{task}: nodes drawn smaller than the frontend's minimum (type, size, min): {cramped}"
@@ -212,6 +214,32 @@ def test_workflow_loads_with_every_node_and_exports_its_api_twin(frontend, artif
     tmp, keep = artifacts
     time.sleep(0.5)
     keep(frontend.screenshot(tmp / f"frontend-{task}.png"))
+
+
+def as_saved_before_three_references(workflow: dict) -> dict:
+    """A UI workflow as the builder wrote it before issue 19: no image_3 sockets, no strength_3 widget
+    (link target slots renumbered by input name, as that file had them)."""
+    old = json.loads(json.dumps(workflow))
+    for node in old["nodes"]:
+        names = [i["name"] for i in node["inputs"]]
+        if node["type"] == "DiagonalPositionPatch":
+            node["widgets_values"] = node["widgets_values"][:names.index("strength_3") - names.index("method")]
+        node["inputs"] = [i for i in node["inputs"] if i["name"] not in ("image_3", "strength_3")]
+    slots = {i["link"]: k for node in old["nodes"] for k, i in enumerate(node["inputs"]) if i.get("link") is not None}
+    for link in old["links"]:
+        link[4] = slots[link[0]]
+    return old
+
+
+def test_a_workflow_saved_before_three_references_loads_and_exports_the_same_prompt(frontend):
+    """Issue 19: image_3 and strength_3 are optional, so a template saved without them loads with no
+    error and queues exactly today's API twin (strength_3 at its default 1)."""
+    old = as_saved_before_three_references(ui_workflow("group_portrait"))
+    patch = next(n for n in old["nodes"] if n["type"] == "DiagonalPositionPatch")
+    assert patch["widgets_values"] == ["offset", 1.0, 1.0]
+    report = load(frontend, old, "old group portrait")
+    assert report["missing"] == [] and report["dialogs"] == [] and report["flagged"] == []
+    assert report["prompt"] == json.loads(build.api_path("group_portrait").read_text())
 
 
 def test_an_unknown_node_is_reported(frontend):
@@ -262,7 +290,7 @@ BROWSER_JS = """
 def test_template_browser_shows_the_five_workflows_and_opens_one(frontend, artifacts):
     """The user's path: open the template browser, pick the pack's category, see five cards with
     thumbnails, click one, and get its graph."""
-    titles = [template_title(task) for task in TASKS]  # the file names, which the browser shows as titles
+    titles = [template_title(task) for task in TEMPLATES]  # the file names, which the browser shows as titles
     result = frontend.js(f"{BROWSER_JS}({json.dumps(PACK_NAME)}, {json.dumps(titles)})")
     assert "error" not in result, result
     for title in titles:

@@ -166,8 +166,7 @@ class SampleOutput:
 
         refs = [Image.open(p).convert("RGB") for p in self.record.refs]
         s = self.record.sample
-        return JudgeRequest(s.instruction, refs[0], refs[1] if len(refs) > 1 else None, self.image,
-                            sample_id=s.id, task=s.task, plan=s.plan)
+        return JudgeRequest.of(s.instruction, refs, self.image, sample_id=s.id, task=s.task, plan=s.plan)
 
 
 @contextlib.contextmanager

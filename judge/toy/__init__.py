@@ -68,6 +68,8 @@ TASK_CHECKS = {  # task: (fidelity checks, consistency checks)
     "style_transfer": (("presence", "changed"), ("presence", "appearance", "preserve")),
     "clothing_replace": (("presence", "changed"), ("preserve", "stray", "appearance")),
     "single_edit": (("presence", "appearance", "vacated"), ("preserve", "stray")),
+    # three references: image 2's and image 3's figures join image 1's scene, each on its side
+    "two_figures_scene": (("presence", "order"), ("preserve", "stray", "appearance")),
 }
 REALISM_CHECKS = ("blank", "speckle", "banding", "sharpness", "off_palette", "broken")
 NATURALNESS_CHECKS = ("blank", "off_palette", "broken")  # score mode: PQ's first number; the rest are artifacts
@@ -212,7 +214,7 @@ class ToyJudge(Judge):
 
     def _verify(self, request: JudgeRequest, renders: PlanRenders) -> None:
         """A plan paired with another sample's references gives meaningless answers: refuse loudly."""
-        for k, (image, expected) in enumerate(zip((request.reference1, request.reference2), renders.refs)):
+        for k, (image, expected) in enumerate(zip(request.references, renders.refs)):
             if image is None:
                 continue
             pixels = _pixels(image, f"reference {k + 1}", expected.shape[:2])

@@ -20,6 +20,7 @@ APPEARANCE_TOL = 70.0  # RGB distance: "is this colour", after nearest-colour as
 # The unit of a stray change: a small object's side as a fraction of the shorter picture side (world
 # v3's small shapes; world v4 draws every shape larger, at a quarter).
 SMALL_OBJECT = 0.19
+ORDERED_TASKS = ("group_portrait", "two_figures_scene")  # two figures, each on its instructed side
 LOOK_KEYS = ("skin", "garment", "texture", "colour2", "legs")
 PALETTE = np.array(list(toy_scene.COLOURS.values()), np.float32)
 
@@ -108,7 +109,7 @@ class PlanRenders:
         return self._any_blank
 
     def swapped_looks(self) -> list:
-        """Colour classes of the target with the two figures' looks exchanged (group portraits)."""
+        """Colour classes of the target with the two figures' looks exchanged (ORDERED_TASKS)."""
         if self._swapped is None:
             scene = copy.deepcopy(self.plan["target"])
             a, b = (scene["elements"][i] for i in self.edited[:2])
@@ -133,7 +134,7 @@ class Measure:
         if name in ("presence", "appearance", "broken"):
             return bool(self.r.masks)
         if name == "order":
-            return self.r.plan["task"] == "group_portrait" and len(self.r.looks) >= 2
+            return self.r.plan["task"] in ORDERED_TASKS and len(self.r.looks) >= 2
         if name == "vacated":
             return bool(self.r.vacated.any())
         return True

@@ -87,8 +87,7 @@ class RequestMaker:
             self._refs[prompt] = [Image.open(p).convert("RGB") for p in record.refs]
         refs = self._refs[prompt]
         s = record.sample
-        return JudgeRequest(s.instruction, refs[0], refs[1] if len(refs) > 1 else None, image, sample_id=sample_id,
-                            task=s.task, plan=s.plan)
+        return JudgeRequest.of(s.instruction, refs, image, sample_id=sample_id, task=s.task, plan=s.plan)
 
 
 def collect_verdicts(pool: JudgePool, requests: list[JudgeRequest], futures: list[Future], retries: int):

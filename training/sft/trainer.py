@@ -106,7 +106,7 @@ def task_repeats(cfg: SFTConfig, tasks: list[str]) -> list[int]:
     return [cfg.data.task_repeats.get(task, 1) for task in tasks]
 
 
-def build_model(cfg: SFTConfig, bundle) -> FlowMatchingModel:
+def build_model(cfg: SFTConfig, bundle, references: int = 2) -> FlowMatchingModel:
     transformer = bundle.transformer
     guidance = cfg.train.guidance if cfg.train.guidance is not None else bundle.settings.get("train", {}).get("guidance", 1.0)
     if cfg.train.mode == "full":
@@ -130,7 +130,8 @@ def build_model(cfg: SFTConfig, bundle) -> FlowMatchingModel:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    return FlowMatchingModel(transformer, cfg.train.layout, guidance, cfg.lora.learn_gates, autocast=autocast)
+    return FlowMatchingModel(transformer, cfg.train.layout, guidance, cfg.lora.learn_gates, references=references,
+                             autocast=autocast)
 
 
 def build_optimizer(cfg: SFTConfig, model: FlowMatchingModel):
@@ -194,7 +195,8 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
 
     # -- model, optimizer, resume ---------------------------------------------------------------
     base_fingerprint = bundle.base_fingerprint()
-    model = build_model(cfg, bundle)
+    # one learnable gate per reference: two, or three when the data has three-reference samples
+    model = build_model(cfg, bundle, max([2] + [len(e.ref_keys) for e in dataset.entries]))
     optimizer, scheduler = build_optimizer(cfg, model)
     state = TrainState()
     fsdp = cfg.train.distributed == "fsdp"  # sharded weights: accelerate saves/loads the state

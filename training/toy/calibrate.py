@@ -39,8 +39,7 @@ def calibrate(n: int = 20, seed: int = 0, aspect_mix: bool = False, judge=None, 
                 output = sample.target if kind == "exact" else corrupt(kind, sample, rng)
                 if output is None:
                     continue
-                second = sample.refs[1] if len(sample.refs) > 1 else None
-                request = JudgeRequest(sample.instruction, sample.refs[0], second, output, sample.id, task, sample.plan)
+                request = JudgeRequest.of(sample.instruction, sample.refs, output, sample.id, task, sample.plan)
                 start = time.perf_counter()
                 verdict = judge.judge(request)
                 seconds += time.perf_counter() - start

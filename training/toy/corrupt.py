@@ -104,7 +104,7 @@ def _wrong_place(plan, rng):
         centre = (e["box"][0] + e["box"][2]) / 2 / w
         far = max(FIGURE_COLUMNS.values(), key=lambda x: abs(x - centre))
         e["box"] = _move_box(e["box"], round((far - centre) * w), 0)
-    elif task == "group_portrait":
+    elif task in ("group_portrait", "two_figures_scene"):  # the two figures on each other's side
         a, b = (elements[i] for i in plan["edited"])
         shift = round((GROUP_SLOTS["right"] - GROUP_SLOTS["left"]) * w)
         sign = 1 if a["box"][0] < b["box"][0] else -1

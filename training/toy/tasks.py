@@ -1,6 +1,7 @@
-"""The five dual-reference tasks of DualShapes: scenes for both references, the target, the plan.
+"""The five dual-reference tasks of DualShapes (and the opt-in three-reference one): scenes for every
+reference, the target, the plan.
 
-Every builder takes a numpy Generator and the two reference sizes ``(H, W)`` and returns a
+Every builder takes a numpy Generator and one ``(H, W)`` size per reference and returns a
 :class:`Case`; the target always has image 1's size. Colours that must be told apart (an object and
 the background under it, a garment and its pattern) are kept >= ``CONTRAST`` apart in RGB, so the
 judge can separate them even after a VAE has softened them.
@@ -8,7 +9,7 @@ judge can separate them even after a VAE has softened them.
 Plan (shared by all tasks; ``PLAN_VERSION``)::
 
     {"version", "task", "size": [H, W],
-     "refs": [scene, scene],   # both references as drawn
+     "refs": [scene, ...],     # every reference as drawn (two; three for two_figures_scene)
      "target": scene,          # the exact target (training/toy/scene.py), re-rendered by the judge
      "base": scene,            # what the output would be if nothing were edited, at the target size
      "edited": [i, ...],       # target elements the instruction creates or changes
@@ -54,7 +55,7 @@ class NoChoice(RuntimeError):
 @dataclass
 class Case:
     task: str
-    refs: list  # one or two scenes
+    refs: list  # one scene per reference (one, two or three)
     target: dict
     instruction: str
     plan: dict
@@ -250,5 +251,32 @@ def clothing_replace(rng, size1, size2) -> Case:
     return Case("clothing_replace", [ref1, ref2], target, templates.clothing_instruction(rng), plan)
 
 
+def two_figures_scene(rng, size1, size2, size3) -> Case:
+    """Three references: the figures of images 2 and 3 join image 1's scene, one on each side (the
+    instruction says which). Image 1 keeps everything it has; only the two figures are new."""
+    (h1, w1), (h2, w2), (h3, w3) = size1, size2, size3
+    bg1 = random_background(rng, ("horizon", "horizon", "flat", "gradient"))
+    bg2 = random_background(rng, ("flat", "gradient"), avoid=bg1)
+    bg3 = random_background(rng, ("flat", "gradient"), avoid=bg1)
+    look2 = random_figure(rng, [bg1, bg2])
+    look3 = random_figure(rng, [bg1, bg3], avoid_garment=look2["garment"])
+    side2 = choice(rng, ("left", "right"))
+    side3 = "right" if side2 == "left" else "left"
+    slot = GROUP_SLOTS["right"] - GROUP_SLOTS["left"] - 0.04  # keep a gap between the two figures
+    # at most one small shape, top middle: clear of both figures' heads
+    ref1 = scene(size1, bg1, distractors(rng, size1, bg1, PLACES[1:2], int(rng.integers(0, 2))))
+    ref2 = scene(size2, bg2, [placed(look2, figure_box("medium", 0.5, h2, w2))])
+    ref3 = scene(size3, bg3, [placed(look3, figure_box("medium", 0.5, h3, w3))])
+    target = copy.deepcopy(ref1)
+    target["elements"] += [placed(look2, figure_box("medium", GROUP_SLOTS[side2], h1, w1, slot)),
+                           placed(look3, figure_box("medium", GROUP_SLOTS[side3], h1, w1, slot))]
+    n = len(target["elements"])
+    roles = {"scene_from": 1, side2: {"from": 2, "garment": look2["garment"]},
+             side3: {"from": 3, "garment": look3["garment"]}}
+    plan = make_plan("two_figures_scene", [ref1, ref2, ref3], target, ref1, [n - 2, n - 1], [], roles)
+    return Case("two_figures_scene", [ref1, ref2, ref3], target, templates.two_figures_instruction(rng, side2), plan)
+
+
 BUILDERS = {"animal_scene": animal_scene, "person_scene": person_scene, "group_portrait": group_portrait,
-            "style_transfer": style_transfer, "clothing_replace": clothing_replace}
+            "style_transfer": style_transfer, "clothing_replace": clothing_replace,
+            "two_figures_scene": two_figures_scene}

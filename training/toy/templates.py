@@ -58,6 +58,17 @@ TEMPLATES = {
         "Change the clothes of the {obj} in {r1} to match {r2}.",
     ),
 }
+# two_figures_scene (three references). Kept out of vocabulary(): the toy base's tokenizer is built from
+# it and must not change, so "3" / "third" reach that tokenizer as <unk>; every instruction still
+# names the side of image 2's figure in known words, which is all the task needs.
+REF_NAMES_3 = (("image 1", "image 2", "image 3"), ("the first image", "the second image", "the third image"),
+               ("the first picture", "the second picture", "the third picture"))
+TWO_FIGURES_TEMPLATES = (
+    "Put the {obj} from {r2} on the {a} and the {obj} from {r3} on the {b} of {r1}.",
+    "Place the {objs} of {r2} and {r3} into the scene of {r1}, the one from {r2} on the {a}.",
+    "Add the {obj} of {r3} on the {b} and the {obj} of {r2} on the {a}, in {r1}.",
+    "Insert the {objs} from {r2} and {r3} into {r1} side by side, the {obj} from {r2} on the {a}.",
+)
 GROUP_BACKGROUNDS = (" in front of the background of {r1}", " with the background of {r1}", "")
 STYLE_TEMPLATES = {
     "palette": (
@@ -146,6 +157,14 @@ def style_instruction(rng, mode: str) -> str:
 def clothing_instruction(rng) -> str:
     obj, _ = _choice(rng, PERSON_NOUNS)
     return _finish(_choice(rng, TEMPLATES["clothing_replace"]).format(obj=obj, **_refs(rng)))
+
+
+def two_figures_instruction(rng, side_of_2: str) -> str:
+    obj, objs = _choice(rng, PERSON_NOUNS)
+    r1, r2, r3 = _choice(rng, REF_NAMES_3)
+    other = "right" if side_of_2 == "left" else "left"
+    return _finish(_choice(rng, TWO_FIGURES_TEMPLATES).format(obj=obj, objs=objs, a=side_of_2, b=other,
+                                                              r1=r1, r2=r2, r3=r3))
 
 
 def single_instruction(rng, op: str, **slots) -> str:

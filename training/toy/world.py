@@ -3,7 +3,9 @@
     python -m training.toy.world --out runs/toy/world --seed 0 --train 256 --test 64
 
 ``--train``/``--test`` are per task (the five dual tasks); ``single_edit`` gets ``--single-train`` /
-``--single-test`` (default: the same). Each sample is drawn from its own seeded stream
+``--single-test`` (default: the same). The three-reference task ``two_figures_scene`` is opt-in
+(``--tasks two_figures_scene``): never in the default list, and its samples draw from streams of
+their own, so no existing task's samples change. Each sample is drawn from its own seeded stream
 (seed, task, split, index), so a world is identical for the same arguments and a sample can be
 re-made in memory with :func:`make_sample` without reading any file.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from judge.manifest import SINGLE_TASKS, TASKS, Sample, write_manifest
+from judge.manifest import MULTI_TASKS, REFERENCE_COUNTS, SINGLE_TASKS, TASKS, Sample, write_manifest
 from judge.toy.scene import render
 
 from ..files import write_json
@@ -34,7 +36,10 @@ WORLD_NAME = "DualShapes"
 # 4: geometry on the token grid (scene.TOKEN), one shape size, image 2's object centred;
 # 5: person_scene also asks for a medium figure (image 2's own size)
 WORLD_VERSION = 5
-ALL_TASKS = TASKS + SINGLE_TASKS
+ALL_TASKS = TASKS + SINGLE_TASKS  # the default world (the toy base's VAE and the main job use these)
+# Every task the world can draw; opt-in ones come after ALL_TASKS, so each task's seed stream
+# (its index here) stays what it was.
+TOY_TASKS = ALL_TASKS + MULTI_TASKS
 _BUILDERS = {**BUILDERS, "single_edit": single_edit}
 _SPLIT_CODE = {"train": 0, "test": 1}
 
@@ -65,13 +70,13 @@ def make_sample(task: str, seed: int, index: int, split: str = "train", size: in
                 aspect_mix: bool = False) -> ToySample:
     """The sample ``index`` of ``task`` in ``split`` for ``seed`` (deterministic)."""
     if task not in _BUILDERS:
-        raise ValueError(f"unknown toy task {task!r}; use one of {', '.join(ALL_TASKS)}")
+        raise ValueError(f"unknown toy task {task!r}; use one of {', '.join(TOY_TASKS)}")
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
     if size < 32:
         raise ValueError(f"toy images must be at least 32 px (got {size}); shapes and textures need the room")
-    rng = np.random.default_rng([int(seed), ALL_TASKS.index(task), _SPLIT_CODE[split], int(index)])
-    count = 1 if task in SINGLE_TASKS else 2
+    rng = np.random.default_rng([int(seed), TOY_TASKS.index(task), _SPLIT_CODE[split], int(index)])
+    count = REFERENCE_COUNTS[task][0]  # the world draws the fewest a task takes: 1, 2, or 3
     sizes = reference_sizes(rng, size, aspect_mix, count)
     for _ in range(100):
         try:
@@ -105,9 +110,9 @@ def generate_world(out_dir, seed: int = 0, train: int = 256, test: int = 64, *, 
     left as it is, so reruns cost nothing; ``force`` regenerates it.
     """
     out = Path(out_dir)
-    unknown = [t for t in tasks if t not in ALL_TASKS]
+    unknown = [t for t in tasks if t not in TOY_TASKS]
     if unknown:
-        raise ValueError(f"unknown toy task(s) {', '.join(unknown)}; use {', '.join(ALL_TASKS)}")
+        raise ValueError(f"unknown toy task(s) {', '.join(unknown)}; use {', '.join(TOY_TASKS)}")
     if min(train, test) < 0:
         raise ValueError("--train and --test must be >= 0")
     single_train = train if single_train is None else single_train
@@ -163,7 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (targets are size x size "
                         "unless --aspect-mix)")
     parser.add_argument("--aspect-mix", action="store_true", help="references also 4:3 landscape/portrait")
-    parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=list(ALL_TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=list(TOY_TASKS),
+                        help="tasks to draw (default: the five dual tasks and single_edit; two_figures_scene, "
+                             "three references, only when named)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the folder holds this world")
     args = parser.parse_args(argv)
     try:
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
         parser.error(str(e))
     print(f"{info['name']} v{info['version']}: {info['samples']} samples in {args.out} "
           f"(seed {info['seed']}, {info.get('seconds', 0):.1f} s)")
-    for task in [t for t in ALL_TASKS if t in info["counts"]]:
+    for task in [t for t in TOY_TASKS if t in info["counts"]]:
         counts = info["counts"][task]
         print(f"  {task:17s} train {counts['train']:5d}  test {counts['test']:4d}")
     return 0
