@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "weights"  # the default recipe's base, as the pack ships it
 SHIPPED_DTYPE = torch.float16  # fp16 keeps 10 mantissa bits (bf16: 7); the toy's weights are far from its range
 RECIPE_VERSION = 3  # bumped when the recipe changes what a key would not show; history in docs/recipes.md
-# One build is the first stage of the main job; why each value is what it is: docs/recipes.md.
+# Its build ships as training/toy/weights (the main job unpacks it); why each value is what it is: docs/recipes.md.
 DEFAULT_RECIPE = {
     "seed": 0,
     "size": 64,
