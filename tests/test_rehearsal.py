@@ -11,7 +11,8 @@ release's sharded folder and as ComfyUI single files. At 64 px on a 4-sample toy
    (single files, both LoRAs through the task workflow's DualLoRAApply) -> the Table 2 file;
 4. the LoRAs in ``DualLoRAApply`` on ComfyUI's own load of the single-file transformer: every module
    patched, none dropped;
-5. SFT and DDPO again on 2 processes (torch.distributed gloo, as ``accelerate launch`` starts them).
+5. SFT (DDP, then FSDP2: the same LoRA) and DDPO again on 2 processes (torch.distributed gloo, as
+   ``accelerate launch`` starts them).
 
 Only size is changed, by ``--set`` overrides (rank 4, batch 1-2, 2 steps, 2 sampling steps) and the
 stand-in folder's ``dualref.json`` (T5 length 32: the release's 512 tokens x 4096 wide dominate a CPU
@@ -46,9 +47,6 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = "loop"
-# The processes-and-sharding modes rehearsed on 2 processes (SFT's train.distributed). FSDP on CPU
-# (gloo) is being made to work on branch `dist`: add "fsdp" here when it lands.
-DISTRIBUTED_MODES = ["ddp"]
 
 
 def sft_settings(model: Path, manifest: Path, batch: int = 1) -> list[str]:
@@ -300,25 +298,35 @@ def test_dual_lora_apply_patches_every_module_of_the_single_file(standin, ddpo_r
 
 
 # -- two processes ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", DISTRIBUTED_MODES)
-def test_sft_and_ddpo_on_two_processes(mode, standin, world, judge, tmp_path):
+def test_sft_ddp_and_fsdp_then_ddpo_on_two_processes(standin, world, judge, tmp_path):
     """torchrun + gloo, as accelerate launch runs them: both ranks encode their share of a cold cache
-    before either reads it, each trains its half of every batch and rolls out its half of the tuples."""
+    before either reads it, each trains its half of every batch (SFT with DDP, then again with FSDP2:
+    the same LoRA) and rolls out its half of the tuples."""
+    from training.lora_io import load_lora
+
     cache = tmp_path / "cache"  # cold: the single-process runs' cache is not reused
     common = [f"data.cache_dir={cache}"]
-    sft = torchrun_command("training.sft", REPO / "training/configs/kontext_sft.json", tmp_path / "sft", 2,
-                           *as_argv(sft_settings(standin["release"], world, batch=2) + common +
-                                    [f"train.distributed={mode}"]))
-    lines = run_cli("torchrun", *sft, env=one_thread_env(REPO))
-    check_sft_lora(tmp_path / "sft" / "lora.safetensors", standin, world_size=2)
-    assert loaded(lines, "transformer") == ["bfloat16"] * 2  # each rank loads it in bf16
-    # the main process's reading pass finds all 9 images and 3 texts already encoded by the shared pass
-    assert any(re.match(rf"cache {re.escape(str(cache))}\S*: images 9 cached \+ 0 encoded, texts 3 cached \+ 0 encoded",
-                        line) for line in lines), lines
+    loras = {}
+    for mode in ("ddp", "fsdp"):  # kontext_sft.json ships fsdp
+        sft = torchrun_command("training.sft", REPO / "training/configs/kontext_sft.json", tmp_path / mode, 2,
+                               *as_argv(sft_settings(standin["release"], world, batch=2) + common +
+                                        [f"train.distributed={mode}"]))
+        lines = run_cli("torchrun", *sft, env=one_thread_env(REPO))
+        check_sft_lora(tmp_path / mode / "lora.safetensors", standin, world_size=2)
+        assert loaded(lines, "transformer") == ["bfloat16"] * 2  # each rank loads it in bf16
+        loras[mode] = load_lora(tmp_path / mode / "lora.safetensors")[0]
+        (saved,) = (tmp_path / mode / "checkpoints").glob("step_*/state.json")
+        assert json.loads(saved.read_text()).get("sharded", False) == (mode == "fsdp")  # FSDP really ran
+        if mode == "ddp":  # the main process's reading pass finds all 9 images and 3 texts already encoded by the shared pass
+            assert any(re.match(rf"cache {re.escape(str(cache))}\S*: images 9 cached \+ 0 encoded, texts 3 cached \+ 0 encoded",
+                                line) for line in lines), lines
+    assert loras["ddp"].keys() == loras["fsdp"].keys()
+    for name, value in loras["ddp"].items():  # 2 steps at the bf16 base: FSDP2 (each block all-gathered in its
+        assert torch.equal(loras["fsdp"][name], value), name  # own dtype, fp32 reduce) trains DDP's LoRA bit for bit
 
     before = judge.server.count
     ddpo = torchrun_command("training.ddpo", REPO / "training/configs/kontext_ddpo.json", tmp_path / "ddpo", 2,
-                            *as_argv(ddpo_settings(standin["release"], world, tmp_path / "sft" / "lora.safetensors",
+                            *as_argv(ddpo_settings(standin["release"], world, tmp_path / "fsdp" / "lora.safetensors",
                                                    judge.path) + common), "-v")
     lines = run_cli("torchrun", *ddpo, env=one_thread_env(REPO))
     assert loaded(lines, "transformer") == ["bfloat16"] * 4  # both ranks for DDPO, both again for the shared evaluation

@@ -5,6 +5,10 @@ the last *finished* step and exits; ``--resume`` then ends where an uninterrupte
 holds if the interrupt cannot land between an optimizer step and the step counter (a checkpoint would
 name step N while holding step N+1's weights, or half of Adam's update): :func:`deferred` holds the
 signal until such a block ends.
+
+On several processes a Ctrl-C reaches every one of them, and a process blocked in a collective may
+learn of it first as the collective's failure (its peer, interrupted, closed the connection) rather
+than as its own KeyboardInterrupt: :data:`STOPPED` catches both, so the main process still saves.
 """
 from __future__ import annotations
 
@@ -13,6 +17,26 @@ import threading
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def peer_gone(error: BaseException) -> bool:
+    """``error`` is a collective failing because another process of the run has ended (gloo: "Connection
+    closed by peer"): the state of the last finished step is intact and still worth saving."""
+    import torch.distributed as dist
+
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    if not (isinstance(error, RuntimeError) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return False
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(s in text for s in ("closed by peer", "connection reset",
+                                                                       "broken pipe", "remote worker"))
+
+
+# What a training loop catches to save the last finished step (then re-raises): Ctrl-C, SIGTERM (see
+# below) and collectives that fail with it (see :func:`peer_gone`, which tells the latter apart).
+STOPPED = (KeyboardInterrupt, RuntimeError)
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -284,7 +284,9 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                             kl=f"{update['approx_kl']:.1e}", clip=f"{update['clip_fraction']:.2f}", refresh=False)
             if on_iteration is not None:
                 on_iteration(completed)
-    except KeyboardInterrupt:
+    except interrupts.STOPPED as stop:
+        if not interrupts.peer_gone(stop):
+            raise
         bar.close()
         try:
             with interrupts.deferred():  # torchrun forwards a second SIGINT: put back and save first
@@ -294,7 +296,8 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
                     # Every process holds the same weights, optimizer and baseline after each completed
                     # iteration (DDP), so the main process saves alone, without a barrier: the others
                     # may already be gone.
-                    log.warning("interrupted after iteration %d: saving a checkpoint to resume from", completed)
+                    log.warning("interrupted after iteration %d (%s): saving a checkpoint to resume from", completed,
+                                type(stop).__name__)
                     checkpoint_now(completed, barrier=False)
         finally:
             judge_pool.close(close_judge=owns_judge)

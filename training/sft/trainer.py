@@ -303,13 +303,16 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
                 val_loss = validate(state.step)
             if on_step is not None:
                 on_step(state.step)
-    except KeyboardInterrupt:
+    except interrupts.STOPPED as stop:
+        if not interrupts.peer_gone(stop):
+            raise
         if state.step != saved_step and not (fsdp and world > 1):
             # DDP keeps every process's weights and optimizer identical after each step, so the main
             # process saves alone, without a barrier: the others may already be gone. (FSDP shards
             # need every process: there a rerun resumes from the last periodic checkpoint.)
             if main:
-                log.warning("interrupted at step %d: saving a checkpoint to resume from", state.step)
+                log.warning("interrupted at step %d (%s): saving a checkpoint to resume from", state.step,
+                            type(stop).__name__)
             with interrupts.deferred():  # torchrun forwards a second SIGINT: let the save finish first
                 checkpoint_now(barrier=False)
         bar.close()
