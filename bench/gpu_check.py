@@ -6,7 +6,8 @@ bf16 weights (nothing is downloaded; the weights' values do not change time or m
   sft       one LoRA SFT step as the trainer takes it (rank 512, 512^2 target + two 512^2 references,
             512 text tokens, bf16 base under fp32 LoRA with bf16 autocast, gradient checkpointing,
             AdamW): median step time and peak memory, against ``python -m training.memory``'s
-            prediction for the same setting (ratio measured / predicted)
+            prediction for the same setting (ratio measured / predicted), and the step time against the
+            planner's compute estimate (its TFLOP at 40 % of an H100's bf16 peak; achieved TFLOP/s)
   ddpo      one DDPO iteration (rank-32 LoRA): a group of 4 SDE rollouts of 12 steps at 512^2 with
             log-probs, then the clipped policy-gradient update on their stochastic steps: time, peak
   sampling  28 Euler steps at 1024^2 with two 1024^2 references (the ComfyUI template's setting):
@@ -141,8 +142,11 @@ def sft_stage(transformer, shapes: Shapes, device, repeats: int) -> dict:
     predicted = estimate(setting)
     overhead = next(v for k, v in predicted["parts"].items() if k.startswith("CUDA context"))
     result = {"step_s": statistics.median(s for s, _ in runs), "trainable_params": sum(p.numel() for p in params),
-              "predicted_peak_gib": predicted["total"] / GIB,
+              "predicted_peak_gib": predicted["total"] / GIB, "step_tflop": predicted["step_tflop"],
+              "expected_h100_step_s": predicted["expected_h100_step_s"],
               "predicted_allocated_gib": (predicted["total"] - overhead) / GIB}
+    result["step_vs_expected"] = result["step_s"] / result["expected_h100_step_s"]  # 1 = 40 % of an H100's peak
+    result["achieved_tflops"] = result["step_tflop"] / result["step_s"]
     peaks = [p for _, p in runs if p is not None]
     if peaks:
         result["peak_gib"] = max(peaks) / GIB

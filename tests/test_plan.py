@@ -218,3 +218,49 @@ def test_the_shipped_sft_config_is_planned_as_the_trainer_runs_it_with_15_percen
     assert main([]) == 0
     out = capsys.readouterr().out
     assert SHIPPED in out and f"headroom {100 * result['headroom']:.0f} %" in out
+
+
+# -- compute per step (the README's expected step time) ---------------------------------------------------
+
+def _cpu_attention_flops():
+    """torch's FLOP counter knows the CUDA attention kernels; on the CPU the same formulas for its kernel."""
+    import torch.utils.flop_counter as counter
+
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: counter.sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: counter.sdpa_backward_flop_count(grad, q, k, v)}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_step_flops_match_torchs_flop_counter(checkpointing):
+    """The planner's FLOPs per step (linears per token, LoRA, attention; the frozen base without weight
+    gradients; checkpointing's recompute) against torch.utils.flop_counter on a real LoRA step. The
+    planner leaves out the per-sample modulation and embedding linears: within 2 %."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.memory.model import step_flops, transformer_counts
+
+    model = small_flux("fp32")
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+        model.train()
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counted:
+        out = forward(model, "fp32", 1)
+        forward_flops = counted.get_total_flops()
+        loss(out).backward()
+    planned = step_flops(Tokens(N_TXT, N_IMG), transformer_counts(RANK, DEFAULT_TARGETS, SMALL_CONFIG), checkpointing)
+    assert 0.995 < forward_flops / planned["forward"] < 1.01
+    assert 0.98 < counted.get_total_flops() / planned["step"] < 1.02  # e.g. no input gradient below block 0
+
+
+def test_the_plan_gives_an_expected_step_time(capsys):
+    """Kontext-dev, the shipped config: ~219 TFLOP per GPU and step (66 forward), so ~0.55 s at the assumed
+    40 % of an H100 -- printed, and in --json, for bench/gpu_check.py to measure against."""
+    assert main(["--config", "training/configs/kontext_sft.json", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 200 < result["step_tflop"] < 240 and 60 < result["forward_tflop"] < 72
+    assert result["expected_h100_step_s"] == pytest.approx(result["step_tflop"] * 1e12 / (989e12 * 0.4))
+    assert main(["--config", "training/configs/kontext_sft.json"]) == 0
+    assert "TFLOP/s ~0.5" in capsys.readouterr().out

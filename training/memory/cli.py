@@ -43,7 +43,9 @@ import textwrap
 from dataclasses import dataclass, field
 
 from .model import (
+    ASSUMED_UTILISATION,
     DEFAULT_TARGETS,
+    H100_BF16_FLOPS,
     Dims,
     Tokens,
     activation_peak,
@@ -51,6 +53,7 @@ from .model import (
     frozen_base_bytes,
     frozen_model_counts,
     image_tokens,
+    step_flops,
     transformer_counts,
 )
 
@@ -144,8 +147,11 @@ def estimate(s: Setting) -> dict:
     total = sum(parts.values())
     load = load_phases(s, counts)
     peak = max(total, *load.values())
+    flops = step_flops(s.tokens(), counts, s.checkpointing, s.batch)
+    expected = flops["step"] / (H100_BF16_FLOPS * ASSUMED_UTILISATION)
     return dict(setting=dataclasses.asdict(s), description=s.describe(), parts=parts, total=total, load=load,
                 peak=peak, headroom=1 - peak / (s.gpu_gib * GIB), fits=peak <= s.gpu_gib * GIB,
+                step_tflop=flops["step"] / 1e12, forward_tflop=flops["forward"] / 1e12, expected_h100_step_s=expected,
                 trainable_params=trainable, base_params=counts["base"], tokens=dataclasses.asdict(s.tokens()))
 
 
@@ -278,6 +284,10 @@ def breakdown_table(result: dict) -> str:
     lines.append(f"{'peak':<{width}}{result['peak'] / GIB:9.2f}  of {gpu:g} GiB: {verdict}, "
                  f"headroom {100 * result['headroom']:.0f} %")
     lines.append(f"(transformer {result['base_params'] / 1e9:.2f} B params, trainable {result['trainable_params'] / 1e9:.3f} B)")
+    lines.append(f"compute per GPU and step: {result['step_tflop']:.0f} TFLOP (forward {result['forward_tflop']:.0f}); "
+                 f"at {100 * ASSUMED_UTILISATION:.0f} % of an H100's {H100_BF16_FLOPS / 1e12:.0f} bf16 TFLOP/s "
+                 f"~{result['expected_h100_step_s']:.2f} s per step before communication (an assumed utilisation: "
+                 "bench/gpu_check.py measures it)")
     return "\n".join(lines)
 
 

@@ -175,18 +175,65 @@ def transformer_counts(rank: int, targets: tuple[str, ...] = DEFAULT_TARGETS, co
         linears = [m for m in model.modules() if type(m) is torch.nn.Linear]  # what train.base_quant quantises
         blocks = [sum(p.numel() for p in b.parameters())
                   for b in (*model.transformer_blocks, *model.single_transformer_blocks)]
+        per_token = token_weights(model)
         lora = lora_blocks = 0
+        lora_per_token = {"image": 0, "text": 0}
         if rank:
             model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
             named = dict(model.named_parameters())
             lora = sum(p.numel() for n, p in named.items() if "lora_" in n)
+            with_lora = token_weights(model)  # peft's A and B are Linear modules too
+            lora_per_token = {k: with_lora[k] - per_token[k] for k in per_token}
             lora_blocks = max(sum(p.numel() for n, p in b.named_parameters() if "lora_" in n)
                               for b in (*model.transformer_blocks, *model.single_transformer_blocks))
     return dict(base=base, largest_block=max(blocks), lora=lora, lora_largest_block=lora_blocks,
+                per_token=per_token, lora_per_token=lora_per_token,
                 linear_weights=sum(m.weight.numel() for m in linears), linear_rows=sum(m.out_features for m in linears),
                 largest_linear=max(m.weight.numel() for m in linears),
                 width=cfg["num_attention_heads"] * cfg["attention_head_dim"], heads=cfg["num_attention_heads"],
                 double=cfg["num_layers"], single=cfg["num_single_layers"])
+
+
+def token_weights(model) -> dict:
+    """Linear weights each image token and each text token goes through once per forward (a double
+    block has one set per stream; the AdaLN modulation linears act once per sample, not per token)."""
+    import torch
+
+    image = text = 0
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or "norm" in name or not name.split(".")[0] in (
+                "transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "proj_out"):
+            continue
+        n = module.weight.numel()
+        if name.startswith("single_transformer_blocks"):
+            image, text = image + n, text + n
+        elif "context" in name or "add_" in name:  # context_embedder, add_{q,k,v}_proj, to_add_out, ff_context
+            text += n
+        else:
+            image += n
+    return {"image": image, "text": text}
+
+
+# bf16 dense peak of one H100 SXM (NVIDIA's datasheet: 989 TFLOP/s without sparsity) and the share of it
+# a FLUX LoRA step is assumed to reach: an assumption until bench/gpu_check.py has run on one.
+H100_BF16_FLOPS = 989e12
+ASSUMED_UTILISATION = 0.4
+
+
+def step_flops(tokens: Tokens, counts: dict, checkpointing: bool, batch: int = 1) -> dict:
+    """Matmul FLOPs of one training step per GPU (2 per multiply-add). Forward: every token through its
+    linear weights (base and LoRA), plus attention's QK^T and PV (4 N^2 D per block). The frozen base
+    gets input gradients only (one more pass of its linears), the LoRA input and weight gradients (two),
+    attention's backward 2.5x its forward (torch.utils.flop_counter's count: dQ, dK, dV and the recomputed
+    scores), and gradient checkpointing recomputes the forward once."""
+    def through(weights: dict) -> int:
+        return 2 * (tokens.image * weights["image"] + tokens.text * weights["text"])
+
+    base, lora = through(counts["per_token"]), through(counts["lora_per_token"])
+    attention = 4 * tokens.total ** 2 * counts["width"] * (counts["double"] + counts["single"])
+    forward = base + lora + attention
+    step = (2 + checkpointing) * base + (3 + checkpointing) * lora + (7 + 2 * checkpointing) * attention // 2
+    return {"forward": forward * batch, "step": step * batch}
 
 
 # train.base_quant (training.quantize, torchao weight-only, per output row): bytes per weight and per row
