@@ -51,7 +51,7 @@ def _rank(rank: int, store: str, out: str) -> None:
         dist.all_reduce(torch.ones(3))
         seen = "the all-reduce finished"
     except interrupts.STOPPED as error:
-        seen = f"{interrupts.peer_gone(error)} {interrupts.peer_gone(RuntimeError('mat1 and mat2 shapes'))}"
+        seen = f"{interrupts.counts_as_interrupt(error)} {interrupts.counts_as_interrupt(RuntimeError('mat1 and mat2 shapes'))}"
     with open(out, "w") as f:
         f.write(seen)
     os._exit(0)  # no destroy_process_group: its peer is gone
@@ -70,5 +70,5 @@ def test_a_collective_whose_peer_is_gone_counts_as_an_interrupt(tmp_path):
     for p in procs:
         p.join(120)
     assert (tmp_path / "seen").read_text() == "True False"
-    assert not interrupts.peer_gone(RuntimeError("Connection closed by peer"))  # one process: no peer to lose
-    assert interrupts.peer_gone(KeyboardInterrupt())
+    assert not interrupts.counts_as_interrupt(RuntimeError("Connection closed by peer"))  # one process: no peer to lose
+    assert interrupts.counts_as_interrupt(KeyboardInterrupt())

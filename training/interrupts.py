@@ -19,9 +19,9 @@ from contextlib import contextmanager
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def peer_gone(error: BaseException) -> bool:
-    """``error`` is a collective failing because another process of the run has ended (gloo: "Connection
-    closed by peer"): the state of the last finished step is intact and still worth saving."""
+def counts_as_interrupt(error: BaseException) -> bool:
+    """``error`` is Ctrl-C/SIGTERM, or a collective failing because another process of the run has ended
+    (gloo: "Connection closed by peer"): the state of the last finished step is intact and worth saving."""
     import torch.distributed as dist
 
     if isinstance(error, KeyboardInterrupt):
@@ -35,7 +35,7 @@ def peer_gone(error: BaseException) -> bool:
 
 
 # What a training loop catches to save the last finished step (then re-raises): Ctrl-C, SIGTERM (see
-# below) and collectives that fail with it (see :func:`peer_gone`, which tells the latter apart).
+# below) and collectives that fail with it (:func:`counts_as_interrupt` tells them from other errors).
 STOPPED = (KeyboardInterrupt, RuntimeError)
 
 

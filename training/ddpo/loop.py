@@ -285,7 +285,7 @@ def train_ddpo(cfg: DDPOConfig, *, bundle=None, accelerator=None, judge=None, on
             if on_iteration is not None:
                 on_iteration(completed)
     except interrupts.STOPPED as stop:
-        if not interrupts.peer_gone(stop):
+        if not interrupts.counts_as_interrupt(stop):
             raise
         bar.close()
         try:

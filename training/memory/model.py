@@ -201,7 +201,7 @@ def token_weights(model) -> dict:
 
     image = text = 0
     for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear or "norm" in name or not name.split(".")[0] in (
+        if type(module) is not torch.nn.Linear or "norm" in name or name.split(".")[0] not in (
                 "transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "proj_out"):
             continue
         n = module.weight.numel()

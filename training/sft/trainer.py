@@ -304,7 +304,7 @@ def train(cfg: SFTConfig, *, bundle=None, accelerator=None, resume=None, on_step
             if on_step is not None:
                 on_step(state.step)
     except interrupts.STOPPED as stop:
-        if not interrupts.peer_gone(stop):
+        if not interrupts.counts_as_interrupt(stop):
             raise
         if state.step != saved_step and not (fsdp and world > 1):
             # DDP keeps every process's weights and optimizer identical after each step, so the main
