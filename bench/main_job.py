@@ -3,6 +3,7 @@
     python bench/main_job.py              # a fresh `python -m training.ddpo` (empty cache, new run folder)
     python bench/main_job.py --before     # ... and, side by side in the same run, the stages as they were
                                           #     before the toy base shipped (~35 minutes on 2 cores)
+    python bench/main_job.py --keep DIR   # keep the run folders (tables, grid.png) in DIR
 
 The fresh run is the README's command exactly (default threads, the toy config), in a temporary run
 folder with an empty ``$DUALREF_CACHE``; its stage times come from the run's own ``stages.json``. With
@@ -14,6 +15,7 @@ It prints each stage's seconds and the ratios after / before and total / 600 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -53,9 +55,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", action="store_true",
                         help="also time the stages as they were before (base built, SFT 1600 steps, eval batch 16)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the run folders (and their caches) in DIR, which must "
+                                                      "not exist yet (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.keep and Path(args.keep).exists():
+        parser.error(f"--keep {args.keep} exists: name a new folder, so the caches start empty")
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
         tmp = Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         after = main_job(tmp / "after", tmp / "cache-after")
         before = None
         if args.before:

@@ -438,11 +438,15 @@ def test_headless_outputs_match_sample_split_and_loras_change_them(tmp_path, mic
     assert main(common + ["--out", str(stacked), "--lora", str(lora), "--lora2", str(lora2)]) == 0
     assert main(common + ["--out", str(tmp_path / "only2"), "--lora", str(lora2)]) == 0
 
-    expected = sample_split(load_kontext(micro), world, split="test", tasks=tasks, steps=2, seed=3, progress=False,
-                            cache_dir=tmp_path / "cache")
+    # One bundle: the LoRA merged for one split, then the base again, exactly as it was loaded.
+    bundle = load_kontext(micro)
+    split = dict(split="test", tasks=tasks, steps=2, seed=3, progress=False, cache_dir=tmp_path / "cache")
+    with_lora = sample_split(bundle, world, lora=lora, **split)
+    expected = sample_split(bundle, world, **split)
     assert len(expected) == 2 * PER_TASK
-    for out in expected:
+    for out, tuned_out in zip(expected, with_lora):
         assert np.array_equal(pixels(base / "outputs" / f"{out.sample.id}.png"), out.image), out.sample.id
+        assert np.array_equal(pixels(tuned / "outputs" / f"{out.sample.id}.png"), tuned_out.image), out.sample.id
     seeds = {r["id"]: r["seed"] for r in lines(base / "generated.jsonl")}
     assert seeds == {o.sample.id: 3 * SEED_STRIDE + i for i, o in enumerate(expected)}
     ids = list(seeds)

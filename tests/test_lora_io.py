@@ -23,7 +23,7 @@ from dual_rope.lora_meta import (
     read_safetensors_header,
 )
 from hostile_headers import hostile_headers
-from training.lora_io import apply_lora_diffusers, load_lora, save_lora, transformer_fingerprint
+from training.lora_io import apply_lora_diffusers, load_lora, merge_lora, save_lora, transformer_fingerprint
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "proj_mlp", "proj_out", "ff.net.2"]
 
@@ -98,6 +98,34 @@ def test_saved_lora_loads_in_diffusers_with_the_same_scale(tmp_path, rank, alpha
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(got, expected)
+
+
+def test_a_merged_lora_computes_what_the_adapter_does(tmp_path):
+    """Evaluation and DDPO merge LoRAs into the weights, as ComfyUI applies them: W + scale (alpha/r) B A."""
+    trained = with_lora(tiny_flux(), rank=4, alpha=8.0)
+    path = tmp_path / "a.safetensors"
+    save_lora(path, trained, {**META, "base_fingerprint": transformer_fingerprint(tiny_flux())})
+    merged, half = tiny_flux(), tiny_flux()
+    meta = merge_lora(merged, path)
+    merge_lora(half, path, scale=0.5)
+    with torch.no_grad():
+        expected, got, base = trained(**inputs())[0], merged(**inputs())[0], tiny_flux()(**inputs())[0]
+    assert meta.stage == "sft" and meta.gates == (1.0, 0.75)
+    assert (expected - base).abs().max() > 1e-2  # the LoRA matters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # one product instead of two: roundings only
+    state = load_lora(path)[0]
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    w = tiny_flux().transformer_blocks[0].attn.to_q.weight
+    want = w + 0.5 * 2.0 * (state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"])
+    assert torch.equal(half.transformer_blocks[0].attn.to_q.weight, want)
+    untouched = tiny_flux().transformer_blocks[0].ff.net[0].proj.weight  # not a LoRA target
+    assert torch.equal(merged.transformer_blocks[0].ff.net[0].proj.weight, untouched)
+
+    wider = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=12,
+                                   pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    with pytest.raises(LoraFileError, match=r"a\.safetensors.*does not fit the weight"):
+        merge_lora(wider, path)
 
 
 def test_round_trip_metadata_and_tensors(tmp_path):

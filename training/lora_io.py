@@ -36,7 +36,7 @@ from .files import atomic_path
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LoraFileError", "LoraMetadata", "LoraMismatchError", "apply_lora_diffusers", "check_lora_base",
+    "LoraFileError", "LoraMetadata", "LoraMismatchError", "apply_lora_diffusers", "check_lora_base", "merge_lora",
     "lora_content_hash", "load_lora",
     "peft_lora_tensors", "save_lora", "transformer_fingerprint",
 ]
@@ -211,4 +211,29 @@ def apply_lora_diffusers(transformer, path, adapter_name: str = "dualref", scale
                                                    adapter_name=adapter_name)
     if scale != 1.0:
         transformer.set_adapters([adapter_name], weights=[scale])
+    return meta
+
+
+@torch.no_grad()
+def merge_lora(transformer, path, scale: float = 1.0) -> LoraMetadata | None:
+    """Add a DualRef LoRA file's ``scale * (alpha/rank) B @ A`` to a diffusers transformer's weights, in
+    float32 and then the weight's dtype: what ComfyUI does when it applies a LoRA (and DDPO to its SFT
+    LoRA). Returns the file's metadata. The weights change in place; nothing undoes it."""
+    state, meta = load_lora(path)
+    modules = sorted({k[len(KEY_PREFIX):].rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k})
+    for module in modules:
+        key = f"{KEY_PREFIX}{module}"
+        a, b = state[f"{key}.lora_A.weight"].float(), state[f"{key}.lora_B.weight"].float()
+        alpha = float(state[f"{key}.alpha"]) if f"{key}.alpha" in state else float(a.shape[0])
+        try:
+            layer = transformer.get_submodule(module)
+        except AttributeError:
+            raise LoraFileError(path, f"module {module!r} is not in this transformer",
+                                "pass a LoRA trained on this base model") from None
+        if tuple(layer.weight.shape) != (b.shape[0], a.shape[1]):
+            raise LoraFileError(path, f"module {module!r}: LoRA shape {(b.shape[0], a.shape[1])} does not fit the "
+                                f"weight {tuple(layer.weight.shape)}", "pass a LoRA trained on this base model")
+        delta = (scale * alpha / a.shape[0]) * (b @ a)
+        layer.weight.copy_((layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype))
+    log.info("merged %s (scale %g) into the transformer's weights (%d modules)", path, scale, len(modules))
     return meta

@@ -194,8 +194,8 @@ class HeadlessGenerator:
             yield GenResult(by_index[index], None, reason, 0.0)
         dataset = CachedDataset(entries, cache)
         chunks = by_bucket(dataset, range(len(dataset)), self.batch_size)[part[0]::part[1]]
-        transformer = self.bundle.transformer
-        with applied_loras(transformer, [(p, s) for p, s, _ in self.loras]):
+        with applied_loras(self.bundle, [(p, s) for p, s, _ in self.loras]):
+            transformer = self.bundle.transformer
             for chunk in tqdm(chunks, desc=f"generating ({self.layout})", unit="batch", disable=not self.progress):
                 picked = [by_index[entries[i].record.line_no] for i in chunk]
                 start = time.perf_counter()

@@ -43,6 +43,7 @@ from ..data import load_manifest, write_skipped
 from ..ema import TrainableEMA
 from ..evaluation import by_bucket, sample_images, sampler_config
 from ..files import cache_dir_for
+from ..lora_io import merge_lora
 from ..models import PRECISIONS, load_model
 from ..runtime import MetricsLog, gather_objects, make_accelerator, spread, tracking_dir
 from . import state as ddpo_state
@@ -110,7 +111,7 @@ def build_policy(cfg: DDPOConfig, bundle):
     """Base + merged SFT LoRA + trainable DDPO LoRA: ``(policy, trainable params, base fingerprint)``."""
     transformer = bundle.transformer
     base_fingerprint = bundle.base_fingerprint()  # of the base itself, before the SFT LoRA is merged in
-    sft = ddpo_state.merge_lora_into_base(transformer, cfg.lora.sft)
+    sft = merge_lora(transformer, cfg.lora.sft)
     layout = cfg.run.layout or (sft.layout if sft is not None else "diagonal")  # checked by check_sft_lora
     gates = list(sft.gates) if sft is not None and sft.gates else None
     if cfg.run.precision == "bf16":

@@ -18,7 +18,7 @@ import torch
 from ..checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config import ConfigError
 from ..files import file_digest
-from ..lora_io import LoraFileError, check_lora_base, load_lora, lora_content_hash, save_lora
+from ..lora_io import check_lora_base, lora_content_hash, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +35,6 @@ def check_sft_lora(path, fingerprint: str, layout: str | None, shown=None) -> "L
     elif layout and meta.layout != layout:
         raise ConfigError(f"run.layout={layout!r} but the SFT LoRA {shown} was trained with {meta.layout!r}; "
                           "the DDPO LoRA must use its SFT LoRA's layout (leave run.layout unset)")
-    return meta
-
-
-@torch.no_grad()
-def merge_lora_into_base(transformer, path) -> "LoraMetadata":  # noqa: F821
-    """Add a DualRef LoRA file's ``(alpha/rank) B @ A`` to the transformer's weights (float32 arithmetic)."""
-
-    state, meta = load_lora(path)
-    modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k})
-    for module in modules:
-        key = f"transformer.{module}"
-        a, b = state[f"{key}.lora_A.weight"].float(), state[f"{key}.lora_B.weight"].float()
-        alpha = float(state[f"{key}.alpha"]) if f"{key}.alpha" in state else float(a.shape[0])
-        try:
-            layer = transformer.get_submodule(module)
-        except AttributeError:
-            raise LoraFileError(path, f"module {module!r} is not in this transformer",
-                                "pass the SFT LoRA trained on this base model") from None
-        if tuple(layer.weight.shape) != (b.shape[0], a.shape[1]):
-            raise LoraFileError(path, f"module {module!r}: LoRA shape {(b.shape[0], a.shape[1])} does not fit the "
-                                f"weight {tuple(layer.weight.shape)}", "pass the SFT LoRA trained on this base model")
-        layer.weight.copy_((layer.weight.float() + (alpha / a.shape[0]) * (b @ a)).to(layer.weight.dtype))
-    log.info("merged %s into the base weights (%d modules)", path, len(modules))
     return meta
 
 

@@ -73,7 +73,7 @@ def probe(model_dir, manifest, *, sigmas=DEFAULT_SIGMAS, shuffled=(0.8,), lora=N
             picked[group] += 1
             if picked[group] <= grid_per_group:
                 grid_rows[i] = []
-    with applied_loras(bundle.transformer, [(lora, 1.0)] if lora else []):
+    with applied_loras(bundle, [(lora, 1.0)] if lora else []):
         for chunk in by_bucket(dataset, range(len(dataset)), batch_size):  # equal shapes stack
             batch = dataset.batch(chunk)
             noise = torch.stack([torch.randn(tuple(batch.target.shape[1:]),  # one noise per sample, any batching
