@@ -184,7 +184,9 @@ def test_ddpo_against_a_judge_on_loopback(ddpo_run, sft_run):
     from training.lora_io import load_lora
 
     out, lines, questions = ddpo_run
-    assert loaded(lines, "transformer") == ["bfloat16", "bfloat16"]  # DDPO's, then the final evaluation's
+    # DDPO's, then the final evaluation's (the base, which SFT's LoRA is then merged into) and a fresh
+    # base for SFT+DDPO's merge
+    assert loaded(lines, "transformer") == ["bfloat16"] * 3
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (iteration,) = [r for r in rows if "n_judged" in r]
     # 2 tuples x 2 rollouts judged; realism alternates, so the rewards differ and the update moves
@@ -329,7 +331,7 @@ def test_sft_ddp_and_fsdp_then_ddpo_on_two_processes(standin, world, judge, tmp_
                             *as_argv(ddpo_settings(standin["release"], world, tmp_path / "fsdp" / "lora.safetensors",
                                                    judge.path) + common), "-v")
     lines = run_cli("torchrun", *ddpo, env=one_thread_env(REPO))
-    assert loaded(lines, "transformer") == ["bfloat16"] * 4  # both ranks for DDPO, both again for the shared evaluation
+    assert loaded(lines, "transformer") == ["bfloat16"] * 6  # both ranks for DDPO, twice each for the shared evaluation
     rows = [json.loads(x) for x in (tmp_path / "ddpo" / "metrics.jsonl").read_text().splitlines()]
     (iteration,) = [r for r in rows if "n_judged" in r]
     assert (iteration["n_judged"], iteration["n_unjudged"]) == (4, 0) and iteration["grad_norm"] > 0
