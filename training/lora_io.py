@@ -220,11 +220,9 @@ def merge_lora(transformer, path, scale: float = 1.0) -> LoraMetadata | None:
     float32 and then the weight's dtype: what ComfyUI does when it applies a LoRA (and DDPO to its SFT
     LoRA). Returns the file's metadata. The weights change in place; nothing undoes it."""
     state, meta = load_lora(path)
-    modules = sorted({k[len(KEY_PREFIX):].rsplit(".lora_", 1)[0] for k in state if ".lora_A." in k})
-    for module in modules:
-        key = f"{KEY_PREFIX}{module}"
-        a, b = state[f"{key}.lora_A.weight"].float(), state[f"{key}.lora_B.weight"].float()
-        alpha = float(state[f"{key}.alpha"]) if f"{key}.alpha" in state else float(a.shape[0])
+    tensors, _ = _tensors_from_state_dict(state, None)  # load_lora has checked the keys
+    for module, (a, b, alpha) in sorted(tensors.items()):
+        a, b = a.float(), b.float()
         try:
             layer = transformer.get_submodule(module)
         except AttributeError:
@@ -235,5 +233,5 @@ def merge_lora(transformer, path, scale: float = 1.0) -> LoraMetadata | None:
                                 f"weight {tuple(layer.weight.shape)}", "pass a LoRA trained on this base model")
         delta = (scale * alpha / a.shape[0]) * (b @ a)
         layer.weight.copy_((layer.weight.float() + delta.to(layer.weight.device)).to(layer.weight.dtype))
-    log.info("merged %s (scale %g) into the transformer's weights (%d modules)", path, scale, len(modules))
+    log.info("merged %s (scale %g) into the transformer's weights (%d modules)", path, scale, len(tensors))
     return meta
