@@ -212,8 +212,8 @@ def sample_split(bundle, manifest, *, split: str = "test", lora=None, lora_scale
         if meta is not None and meta.layout != layout:
             log.warning("LoRA %s was trained with layout %r but is sampled with %r", lora, meta.layout, layout)
         use_gates = gates if gates is not None else (list(meta.gates) if meta is not None and meta.gates else None)
-        for chunk, pixels in sample_images(bundle, bundle.transformer, dataset, range(len(dataset)), layout, config, seed,
-                                           use_gates, batch_size=batch_size, progress=progress,
+        for chunk, pixels in sample_images(bundle, bundle.transformer, dataset, range(len(dataset)), layout, config,
+                                           seed, use_gates, batch_size=batch_size, progress=progress,
                                            desc=f"sampling {split} ({layout})"):
             images.update(zip(chunk, pixels))
     return [SampleOutput(entries[i].record, images[i], layout, str(lora) if lora else None)
